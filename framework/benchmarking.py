@@ -1,0 +1,317 @@
+"""Shared timing helpers for the benchmarks in ``scripts/bench``.
+
+Every benchmark answers the same question, "how long does X take, and how does it compare with
+Y?", so they all time the same way:
+
+* wall time with :func:`time.perf_counter`, kept as raw samples in a :class:`Timing` and
+  summarised by robust statistics (median and interquartile range, not the mean, which one slow
+  outlier such as a garbage collection or a page fault drags);
+* candidates compared in the same process, called in interleaved rounds (A, B, A, B, ...) so that
+  slow drift of the machine (thermal throttling, other jobs, allocator growth) hits all of them
+  alike instead of biasing whichever ran last; ratios are taken against a named baseline;
+* a loop that cannot be split into single calls from outside (``Trainer.fit``) times itself with
+  a :class:`StepTimer` ticked at every iteration (:meth:`StepTimer.lightning_callback` ticks at
+  every ``on_train_batch_end``), and its per-iteration intervals are the samples.
+
+``torch`` and ``lightning`` are imported only where needed, so this module imports instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning as L
+
+__all__ = [
+    "Comparison",
+    "StepTimer",
+    "Timing",
+    "compare",
+    "compare_samples",
+    "environment",
+    "time_function",
+    "torch_threads",
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The wall-time samples (seconds) of one candidate and their summary statistics."""
+
+    samples: tuple[float, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError(f"Timing {self.name!r} has no samples")
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], name: str = "") -> Timing:
+        return cls(tuple(float(s) for s in samples), name)
+
+    @classmethod
+    def from_timestamps(cls, stamps: Sequence[float], *, skip: int = 0, name: str = "") -> Timing:
+        """Samples = differences between consecutive timestamps, the first ``skip`` of them
+        (warm-up iterations) dropped."""
+        return cls.from_samples(intervals(stamps, skip=skip), name)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        """First and third quartiles (linear interpolation between samples, like numpy's default)."""
+        if self.n == 1:
+            return self.samples[0], self.samples[0]
+        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def iqr(self) -> float:
+        q1, q3 = self.quartiles
+        return q3 - q1
+
+    def __str__(self) -> str:
+        q1, q3 = self.quartiles
+        return f"{self.name or 'timing'}: median {format_ms(self.median)} ms (IQR {format_ms(q1)}-{format_ms(q3)}, n={self.n})"
+
+
+def intervals(stamps: Sequence[float], *, skip: int = 0) -> list[float]:
+    """Differences between consecutive timestamps, without the first ``skip``."""
+    if skip < 0:
+        raise ValueError(f"skip={skip} must be >= 0")
+    diffs = [b - a for a, b in zip(stamps, stamps[1:])]
+    return diffs[skip:]
+
+
+class StepTimer:
+    """Records :func:`time.perf_counter` at every :meth:`tick`, for loops timed from inside.
+
+    The interval between two ticks is one iteration including everything that happens between
+    them (data loading, hooks, logging), which is what a user waits for per step.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def intervals(self, *, skip: int = 0) -> list[float]:
+        """Per-iteration times in seconds, the first ``skip`` (warm-up) dropped."""
+        return intervals(self.stamps, skip=skip)
+
+    def timing(self, *, skip: int = 0, name: str = "") -> Timing:
+        return Timing.from_samples(self.intervals(skip=skip), name)
+
+    def lightning_callback(self) -> L.Callback:
+        """A Lightning ``Callback`` that ticks this timer at every ``on_train_batch_end``: the
+        intervals are then whole training steps inside ``Trainer.fit``, comparable with the
+        per-iteration time of a plain loop that ticks at the end of each iteration."""
+        import lightning as L
+
+        timer = self
+
+        class TickAtTrainBatchEnd(L.Callback):
+            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+                timer.tick()
+
+        return TickAtTrainBatchEnd()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` and restore the previous count
+    after; ``None`` leaves torch's setting alone."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_counts(**counts: int) -> None:
+    for key, value in counts.items():
+        minimum = 0 if key.startswith("warmup") else 1
+        if value < minimum:
+            raise ValueError(f"{key}={value} must be >= {minimum}")
+
+
+def time_function(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 10, threads: int | None = None, name: str = "") -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed (caches, lazy initialisation, allocator), then
+    ``repeats`` times, each call one sample."""
+    _check_counts(warmup=warmup, repeats=repeats)
+    samples = []
+    with torch_threads(threads):
+        for _ in range(warmup):
+            fn()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return Timing.from_samples(samples, name)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Timings of several candidates measured side by side, and their ratios to ``baseline``."""
+
+    timings: dict[str, Timing]
+    baseline: str
+    order: list[str] = field(default_factory=list)
+    """The sequence of candidate calls as they were made (warm-up included), for the record."""
+
+    def __post_init__(self) -> None:
+        if self.baseline not in self.timings:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the candidates {list(self.timings)}")
+
+    def __getitem__(self, name: str) -> Timing:
+        return self.timings[name]
+
+    def ratio(self, name: str) -> float:
+        """Median of ``name`` over median of the baseline (> 1: slower than the baseline)."""
+        return self.timings[name].median / self.timings[self.baseline].median
+
+    def table(self, extra: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """A markdown table: name, median ms, IQR (q1-q3) ms, number of samples, ratio to the
+        baseline, then one column per key of ``extra`` (column -> {candidate: value}; a
+        missing value prints as an empty cell)."""
+        extra = dict(extra or {})
+        header = ["name", "median ms", "IQR ms", "n", f"ratio vs {self.baseline}", *extra]
+        rows = [header, ["---"] * len(header)]
+        for name, timing in self.timings.items():
+            q1, q3 = timing.quartiles
+            row = [name, format_ms(timing.median), f"{format_ms(q1)}-{format_ms(q3)}", str(timing.n), f"{self.ratio(name):.3f}"]
+            row += [_cell(column.get(name, "")) for column in extra.values()]
+            rows.append(row)
+        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_ms(seconds: float) -> str:
+    """Seconds as milliseconds with about three significant digits (0.0123, 4.56, 812.3)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if abs(ms) >= 100 else f"{ms:.3g}"
+
+
+def compare_samples(
+    candidates: Mapping[str, Callable[[], Sequence[float]]],
+    *,
+    baseline: str,
+    rounds: int,
+    warmup_rounds: int = 0,
+    threads: int | None = None,
+) -> Comparison:
+    """Compare candidates that time themselves: each call of a candidate runs a loop and returns
+    its per-iteration samples in seconds (e.g. :meth:`StepTimer.intervals`). The candidates are
+    called in interleaved rounds, in the given order (A, B, A, B, ...); the first
+    ``warmup_rounds`` rounds are discarded, the samples of the others pooled per candidate."""
+    if baseline not in candidates:
+        raise ValueError(f"baseline {baseline!r} is not one of the candidates {list(candidates)}")
+    _check_counts(rounds=rounds, warmup_rounds=warmup_rounds)
+    pooled: dict[str, list[float]] = {name: [] for name in candidates}
+    order: list[str] = []
+    with torch_threads(threads):
+        for round_index in range(warmup_rounds + rounds):
+            for name, run in candidates.items():
+                order.append(name)
+                samples = list(run())
+                if round_index >= warmup_rounds:
+                    pooled[name].extend(samples)
+    return Comparison({name: Timing.from_samples(s, name) for name, s in pooled.items()}, baseline, order)
+
+
+def compare(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    baseline: str,
+    repeats: int = 10,
+    warmup: int = 1,
+    threads: int | None = None,
+) -> Comparison:
+    """Time each call of each candidate from outside, in interleaved rounds (A, B, A, B, ...):
+    ``warmup`` untimed rounds, then ``repeats`` timed ones; each call is one sample."""
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], list[float]]:
+        def run() -> list[float]:
+            start = time.perf_counter()
+            fn()
+            return [time.perf_counter() - start]
+
+        return run
+
+    _check_counts(repeats=repeats, warmup=warmup)
+    return compare_samples(
+        {name: timed(fn) for name, fn in candidates.items()}, baseline=baseline, rounds=repeats, warmup_rounds=warmup, threads=threads
+    )
+
+
+def environment() -> dict[str, str]:
+    """What a timing depends on, to print beside every result: versions, CPU, torch's thread
+    count now (call it inside :func:`torch_threads` when a benchmark sets one) and the load
+    average (other processes on a shared machine slow everything down)."""
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cores (os.cpu_count)": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "platform": platform.platform(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load average (1, 5, 15 min)"] = ", ".join(f"{load:.2f}" for load in os.getloadavg())
+    if "lightning" in sys.modules:
+        info["lightning"] = sys.modules["lightning"].__version__
+    if torch.cuda.is_available():
+        info["cuda device"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

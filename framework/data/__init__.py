@@ -1,0 +1,18 @@
+"""LightningDataModules. No downloads: bundled or generated data, or standard files on disk."""
+
+from framework.data.base import EpochRandomSampler, SplitDataModule
+from framework.data.cifar import CIFARDataModule
+from framework.data.images import DigitsDataModule, ImageDataModule
+from framework.data.mnist import MNISTDataModule
+from framework.data.sequences import AddingTaskDataModule, CopyTaskDataModule
+
+__all__ = [
+    "AddingTaskDataModule",
+    "CIFARDataModule",
+    "CopyTaskDataModule",
+    "DigitsDataModule",
+    "EpochRandomSampler",
+    "ImageDataModule",
+    "MNISTDataModule",
+    "SplitDataModule",
+]

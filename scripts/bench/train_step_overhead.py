@@ -1,0 +1,175 @@
+"""Per-step overhead of training with the framework (ClassificationTask + lightning Trainer)
+against a hand-written PyTorch loop doing the same work, on CPU.
+
+Both sides train the same WideResNet (same initial weights, train mode, float32) on the same
+DigitsDataModule loader (images upsampled to 32x32, batch 128 by default), with the same SGD
+settings. A step time is the interval between the ends of two consecutive training steps, so it
+includes data loading and everything else the loop does per step: inside ``Trainer.fit`` it is
+measured by a callback at ``on_train_batch_end``, in the plain loop by a timestamp at the end of
+each iteration. The first ``--warmup-steps`` intervals of each run are dropped.
+
+The framework does by design a little more per step than the plain loop, and this is kept:
+torchmetrics accuracy update (and its compute at epoch end), ``self.log`` of loss and accuracy,
+Lightning's hooks, closure-based optimizer step and batch transfer. The plain loop computes the
+batch accuracy and reads loss and accuracy with ``.item()``, as a hand-written script printing
+them would. The Trainer runs with logger=False, no progress bar, no checkpointing, no model
+summary and no validation, so the ratio is the cost of the training loop itself, not of W&B.
+
+The two sides run in interleaved rounds (plain, framework, plain, framework, ...) so that drift
+of the machine affects both alike; the report gives the median step time of each and the ratio
+framework / plain (the target is <= 1.10 at batch 128).
+
+    python scripts/bench/train_step_overhead.py                    # WRN-16-2, batch 128
+    python scripts/bench/train_step_overhead.py --depth 10 --widen-factor 1 --steps 40
+"""
+
+import argparse
+import copy
+import functools
+import logging
+import statistics
+import time
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from framework.benchmarking import StepTimer, compare_samples, environment, torch_threads
+from framework.data import DigitsDataModule
+from framework.models import WideResNet
+from framework.tasks import ClassificationTask
+
+# The optimizer of configs/model/wrn_digits.yaml, the framework's quickstart model.
+SGD_SETTINGS = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--depth", type=int, default=16, help="WRN depth (6n+4); 16 with k=2 takes ~0.8 s per step on 2 CPU threads")
+    parser.add_argument("--widen-factor", type=int, default=2, help="WRN width multiplier k")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per run (one epoch of digits is 10 steps at batch 128)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="step intervals dropped at the start of every run")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of (plain run, framework run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: leave torch's setting")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.steps < args.warmup_steps + 2:
+        parser.error("--steps must exceed --warmup-steps by at least 2")
+    return args
+
+
+def plain_run(initial: torch.nn.Module, datamodule: DigitsDataModule, steps: int, warmup_steps: int, wall: list[float]) -> list[float]:
+    """A hand-written training loop; returns its per-step intervals in seconds."""
+    start = time.perf_counter()
+    model = copy.deepcopy(initial)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), **SGD_SETTINGS)
+    loader = datamodule.train_dataloader()
+    timer = StepTimer()
+    history = []
+    step, epoch = 0, 0
+    while step < steps:
+        loader.sampler.set_epoch(epoch)  # as Lightning does at the start of every epoch
+        for images, labels in loader:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+            history.append((loss.item(), accuracy.item()))
+            timer.tick()
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    wall.append(time.perf_counter() - start)
+    return timer.intervals(skip=warmup_steps)
+
+
+def framework_run(initial: torch.nn.Module, datamodule: DigitsDataModule, steps: int, warmup_steps: int, wall: list[float]) -> list[float]:
+    """``Trainer.fit`` of a ClassificationTask; returns its per-step intervals in seconds."""
+    start = time.perf_counter()
+    task = ClassificationTask(
+        backbone=copy.deepcopy(initial), num_classes=datamodule.num_classes, optimizer=functools.partial(torch.optim.SGD, **SGD_SETTINGS)
+    )
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer.lightning_callback()],
+    )
+    trainer.fit(task, datamodule=datamodule)
+    wall.append(time.perf_counter() - start)
+    if trainer.global_step != steps:
+        raise RuntimeError(f"the Trainer ran {trainer.global_step} steps, expected {steps}")
+    return timer.intervals(skip=warmup_steps)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" banners per fit
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+    with torch_threads(args.threads):
+        torch.manual_seed(args.seed)
+        initial = WideResNet(depth=args.depth, widen_factor=args.widen_factor, num_classes=10, in_channels=1)
+        datamodule = DigitsDataModule(image_size=32, batch_size=args.batch_size, seed=args.seed)
+        datamodule.setup("fit")
+        num_train = len(datamodule.datasets["train"])
+
+        print("## Environment\n")
+        for key, value in {**environment(), "lightning": L.__version__}.items():
+            print(f"- {key}: {value}")
+        print(
+            f"\n## Setup\n\n- model: WRN-{args.depth}-{args.widen_factor}, 1 input channel, 10 classes, "
+            f"{sum(p.numel() for p in initial.parameters()):,} parameters, float32, train mode\n"
+            f"- data: DigitsDataModule(image_size=32), {num_train} training images, batch {args.batch_size} "
+            f"({-(-num_train // args.batch_size)} steps per epoch, the last one partial), num_workers=0\n"
+            f"- optimizer: SGD {SGD_SETTINGS}\n"
+            f"- runs: {args.rounds} rounds x (plain, framework), {args.steps} steps per run, first {args.warmup_steps} "
+            "step intervals of every run dropped\n"
+            "- framework: Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, "
+            "enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0); "
+            "ClassificationTask with its torchmetrics accuracy and self.log calls\n",
+            flush=True,
+        )
+
+        walls: dict[str, list[float]] = {"plain": [], "framework": []}
+        comparison = compare_samples(
+            {
+                "plain": lambda: plain_run(initial, datamodule, args.steps, args.warmup_steps, walls["plain"]),
+                "framework": lambda: framework_run(initial, datamodule, args.steps, args.warmup_steps, walls["framework"]),
+            },
+            baseline="plain",
+            rounds=args.rounds,
+        )
+
+    print("## Step time\n")
+    print(
+        comparison.table(
+            extra={
+                "mean ms": {name: f"{timing.mean * 1e3:.1f}" for name, timing in comparison.timings.items()},
+                "run wall s (median)": {name: f"{statistics.median(w):.2f}" for name, w in walls.items()},
+            }
+        )
+    )
+    ratio = comparison.ratio("framework")
+    print(
+        f"\nframework / plain median step time: {ratio:.3f} (target <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'}); "
+        f"difference {1e3 * (comparison['framework'].median - comparison['plain'].median):+.1f} ms per step"
+    )
+    print("'run wall s' is one whole run: model copy, Trainer construction and fit, or the plain loop.")
+
+
+if __name__ == "__main__":
+    main()
