@@ -111,24 +111,32 @@ def intervals(stamps: Sequence[float], *, skip: int = 0) -> list[float]:
 
 
 class StepTimer:
-    """Records :func:`time.perf_counter` at every :meth:`tick`, for loops timed from inside.
+    """Records the time at every :meth:`tick`, for loops timed from inside.
 
     The interval between two ticks is one iteration including everything that happens between
-    them (data loading, hooks, logging), which is what a user waits for per step.
+    them (data loading, hooks, logging), which is what a user waits for per step. Each tick
+    reads wall time (:func:`time.perf_counter`) and the CPU time of the whole process
+    (:func:`time.process_time`, all threads): on a machine shared with other jobs, wall time
+    includes time spent waiting for a core while CPU time mostly does not, so comparing both
+    tells contention from real cost (with several torch threads, CPU time also counts threads
+    spinning while they wait for each other).
     """
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
 
     def tick(self) -> None:
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
-    def intervals(self, *, skip: int = 0) -> list[float]:
-        """Per-iteration times in seconds, the first ``skip`` (warm-up) dropped."""
-        return intervals(self.stamps, skip=skip)
+    def intervals(self, *, skip: int = 0, cpu: bool = False) -> list[float]:
+        """Per-iteration wall (or, with ``cpu``, process CPU) times in seconds, the first
+        ``skip`` (warm-up) dropped."""
+        return intervals(self.cpu_stamps if cpu else self.stamps, skip=skip)
 
-    def timing(self, *, skip: int = 0, name: str = "") -> Timing:
-        return Timing.from_samples(self.intervals(skip=skip), name)
+    def timing(self, *, skip: int = 0, cpu: bool = False, name: str = "") -> Timing:
+        return Timing.from_samples(self.intervals(skip=skip, cpu=cpu), name)
 
     def lightning_callback(self) -> L.Callback:
         """A Lightning ``Callback`` that ticks this timer at every ``on_train_batch_end``: the
@@ -188,34 +196,65 @@ def time_function(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 10, 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Timings of several candidates measured side by side, and their ratios to ``baseline``."""
+    """Samples of several candidates measured side by side in rounds, and their ratios to
+    ``baseline``.
 
-    timings: dict[str, Timing]
+    ``rounds[name][r]`` holds the samples of candidate ``name`` in measured round ``r``;
+    ``timings[name]`` pools them. Two ratios are given: :meth:`ratio`, of the pooled medians,
+    and :meth:`paired_ratio`, the median over rounds of the ratio within each round, which
+    cancels slow drift (the candidates of one round ran minutes apart at most) and one
+    disturbed round.
+    """
+
+    rounds: dict[str, list[tuple[float, ...]]]
     baseline: str
     order: list[str] = field(default_factory=list)
     """The sequence of candidate calls as they were made (warm-up included), for the record."""
+    timings: dict[str, Timing] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.baseline not in self.timings:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the candidates {list(self.timings)}")
+        if self.baseline not in self.rounds:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the candidates {list(self.rounds)}")
+        counts = {name: len(per_round) for name, per_round in self.rounds.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"every candidate needs the same number of rounds, got {counts}")
+        pooled = {name: Timing.from_samples([s for samples in per_round for s in samples], name) for name, per_round in self.rounds.items()}
+        object.__setattr__(self, "timings", pooled)
+
+    @classmethod
+    def from_samples(cls, samples: Mapping[str, Sequence[float]], baseline: str) -> Comparison:
+        """A comparison of one round: ``samples`` maps each candidate to its samples."""
+        return cls({name: [tuple(s)] for name, s in samples.items()}, baseline)
 
     def __getitem__(self, name: str) -> Timing:
         return self.timings[name]
 
     def ratio(self, name: str) -> float:
-        """Median of ``name`` over median of the baseline (> 1: slower than the baseline)."""
+        """Pooled median of ``name`` over pooled median of the baseline (> 1: slower)."""
         return self.timings[name].median / self.timings[self.baseline].median
 
+    def round_ratios(self, name: str) -> list[float]:
+        """Per measured round, median of ``name`` over median of the baseline in that round."""
+        return [
+            statistics.median(mine) / statistics.median(base)
+            for mine, base in zip(self.rounds[name], self.rounds[self.baseline], strict=True)
+        ]
+
+    def paired_ratio(self, name: str) -> float:
+        """Median over rounds of :meth:`round_ratios`."""
+        return statistics.median(self.round_ratios(name))
+
     def table(self, extra: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-        """A markdown table: name, median ms, IQR (q1-q3) ms, number of samples, ratio to the
-        baseline, then one column per key of ``extra`` (column -> {candidate: value}; a
-        missing value prints as an empty cell)."""
+        """A markdown table: name, median ms, IQR (q1-q3) ms, min ms, number of samples, ratio
+        of medians to the baseline, median of per-round ratios, then one column per key of
+        ``extra`` (column -> {candidate: value}; a missing value prints as an empty cell)."""
         extra = dict(extra or {})
-        header = ["name", "median ms", "IQR ms", "n", f"ratio vs {self.baseline}", *extra]
+        header = ["name", "median ms", "IQR ms", "min ms", "n", f"ratio vs {self.baseline}", "per-round ratio", *extra]
         rows = [header, ["---"] * len(header)]
         for name, timing in self.timings.items():
             q1, q3 = timing.quartiles
-            row = [name, format_ms(timing.median), f"{format_ms(q1)}-{format_ms(q3)}", str(timing.n), f"{self.ratio(name):.3f}"]
+            row = [name, format_ms(timing.median), f"{format_ms(q1)}-{format_ms(q3)}", format_ms(timing.min), str(timing.n)]
+            row += [f"{self.ratio(name):.3f}", f"{self.paired_ratio(name):.3f}"]
             row += [_cell(column.get(name, "")) for column in extra.values()]
             rows.append(row)
         return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -242,20 +281,22 @@ def compare_samples(
     """Compare candidates that time themselves: each call of a candidate runs a loop and returns
     its per-iteration samples in seconds (e.g. :meth:`StepTimer.intervals`). The candidates are
     called in interleaved rounds, in the given order (A, B, A, B, ...); the first
-    ``warmup_rounds`` rounds are discarded, the samples of the others pooled per candidate."""
+    ``warmup_rounds`` rounds are discarded, the samples of the others kept per round."""
     if baseline not in candidates:
         raise ValueError(f"baseline {baseline!r} is not one of the candidates {list(candidates)}")
     _check_counts(rounds=rounds, warmup_rounds=warmup_rounds)
-    pooled: dict[str, list[float]] = {name: [] for name in candidates}
+    measured: dict[str, list[tuple[float, ...]]] = {name: [] for name in candidates}
     order: list[str] = []
     with torch_threads(threads):
         for round_index in range(warmup_rounds + rounds):
             for name, run in candidates.items():
                 order.append(name)
-                samples = list(run())
+                samples = tuple(run())
                 if round_index >= warmup_rounds:
-                    pooled[name].extend(samples)
-    return Comparison({name: Timing.from_samples(s, name) for name, s in pooled.items()}, baseline, order)
+                    if not samples:
+                        raise ValueError(f"candidate {name!r} returned no samples")
+                    measured[name].append(samples)
+    return Comparison(measured, baseline, order)
 
 
 def compare(

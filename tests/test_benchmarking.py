@@ -46,6 +46,8 @@ def test_step_timer_ticks_from_lightning_hook():
     assert len(timer.stamps) == 4
     assert timer.stamps == sorted(timer.stamps)
     assert len(timer.intervals(skip=1)) == 2
+    assert len(timer.intervals(skip=1, cpu=True)) == 2
+    assert all(interval >= 0 for interval in timer.intervals(cpu=True))
 
 
 def test_time_function_counts_calls_and_samples():
@@ -93,23 +95,36 @@ def test_compare_samples_pools_self_reported_samples_after_warmup_rounds():
     comparison = compare_samples({"plain": baseline, "framework": candidate}, baseline="plain", rounds=2, warmup_rounds=1)
     assert log == ["plain", "framework"] * 3
     assert comparison["framework"].samples == (0.011, 0.012, 0.013) * 2
+    assert comparison.rounds["framework"] == [(0.011, 0.012, 0.013)] * 2
     assert comparison.ratio("framework") == pytest.approx(1.2)
+    assert comparison.paired_ratio("framework") == pytest.approx(1.2)
+
+
+def test_per_round_ratio_resists_drift_that_pooled_medians_do_not():
+    # The machine got 10x slower after the first round (another job started): pooled medians
+    # compare mostly-fast baseline samples with mostly-slow candidate samples.
+    comparison = Comparison({"plain": [(1.0,), (1.0,), (10.0,)], "framework": [(2.0,), (20.0,), (20.0,)]}, "plain")
+    assert comparison.ratio("framework") == pytest.approx(20.0)
+    assert comparison.round_ratios("framework") == pytest.approx([2.0, 20.0, 2.0])
+    assert comparison.paired_ratio("framework") == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="same number of rounds"):
+        Comparison({"plain": [(1.0,)], "framework": []}, "plain")
 
 
 def test_unknown_baseline_is_refused():
     with pytest.raises(ValueError, match="baseline"):
         compare({"a": lambda: None}, baseline="b", repeats=1)
     with pytest.raises(ValueError, match="baseline"):
-        Comparison({"a": Timing.from_samples([1.0])}, baseline="b")
+        Comparison.from_samples({"a": [1.0]}, baseline="b")
 
 
 def test_table_has_ratios_and_extra_columns():
-    comparison = Comparison({"plain": Timing.from_samples([0.2, 0.2]), "framework": Timing.from_samples([0.3, 0.3])}, "plain")
+    comparison = Comparison.from_samples({"plain": [0.2, 0.2], "framework": [0.3, 0.3]}, "plain")
     lines = comparison.table(extra={"peak MB": {"framework": 12.5}}).splitlines()
-    assert lines[0] == "| name | median ms | IQR ms | n | ratio vs plain | peak MB |"
-    assert lines[1] == "| --- | --- | --- | --- | --- | --- |"
-    assert lines[2] == "| plain | 200.0 | 200.0-200.0 | 2 | 1.000 |  |"
-    assert lines[3] == "| framework | 300.0 | 300.0-300.0 | 2 | 1.500 | 12.5 |"
+    assert lines[0] == "| name | median ms | IQR ms | min ms | n | ratio vs plain | per-round ratio | peak MB |"
+    assert lines[1] == "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    assert lines[2] == "| plain | 200.0 | 200.0-200.0 | 200.0 | 2 | 1.000 | 1.000 |  |"
+    assert lines[3] == "| framework | 300.0 | 300.0-300.0 | 300.0 | 2 | 1.500 | 1.500 | 12.5 |"
     assert format_ms(0.0000123) == "0.0123"
 
 

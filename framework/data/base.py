@@ -9,6 +9,7 @@ and restore with the checkpoint for the model's own randomness).
 from collections.abc import Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -16,11 +17,11 @@ from framework.errors import UserInputError, check_positive
 
 
 class EpochRandomSampler(RandomSampler):
-    """A fresh permutation each epoch, computed from ``seed + epoch`` alone.
+    """A fresh permutation each epoch, computed from ``(seed, epoch)`` alone.
 
     Lightning calls ``set_epoch`` at the start of every epoch. Under DDP, Lightning replaces any
-    ``RandomSampler`` by a ``DistributedSampler``, whose order is also a function of the seed and
-    the epoch, so runs stay resumable there too.
+    ``RandomSampler`` by a ``DistributedSampler``, whose order is a function of the global seed
+    (``seed_everything``) and the epoch, so runs stay resumable there too.
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
@@ -32,7 +33,8 @@ class EpochRandomSampler(RandomSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 

@@ -23,13 +23,14 @@ def split_off(num_examples: int, size: int | float, seed: int) -> tuple[torch.Te
     return order[count:].sort().values, order[:count].sort().values
 
 
-def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
-    """The CIFAR augmentation: zero-pad, crop back at a random offset, flip half the images.
+def random_crop_flip(images: torch.Tensor, fill: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """The CIFAR augmentation: pad with ``fill`` (one value per channel: black, once
+    standardised), crop back at a random offset, flip half the images.
 
     Draws from the global RNG, which the tasks checkpoint, so a resumed run draws the same crops.
     """
     n, _, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
+    padded = F.pad(images - fill.view(1, -1, 1, 1), (padding,) * 4) + fill.view(1, -1, 1, 1)
     dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
@@ -99,6 +100,7 @@ class ImageDataModule(SplitDataModule):
         train_images = splits["train"][0]
         mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
         std = train_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self.black = (-mean / std).flatten()
         return {name: self._dataset((x - mean) / std, y) for name, (x, y) in splits.items()}
 
     def _dataset(self, images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
@@ -109,15 +111,16 @@ class ImageDataModule(SplitDataModule):
         if self.format == "permuted":
             order = torch.randperm(h * w, generator=torch.Generator().manual_seed(self.permutation_seed))
             sequence = sequence[:, order]
-        targets = labels[:, None].expand(n, h * w).contiguous()
-        mask = torch.zeros(n, h * w, dtype=torch.bool)
-        mask[:, -1] = True
-        return TensorDataset(sequence, targets, mask)
+        # Expanded views: one label and one mask row per image in memory, not one per pixel.
+        targets = labels[:, None].expand(n, h * w)
+        last_step = torch.zeros(h * w, dtype=torch.bool)
+        last_step[-1] = True
+        return TensorDataset(sequence, targets, last_step.expand(n, h * w))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment and self.trainer is not None and self.trainer.training:
             images, labels = batch
-            return random_crop_flip(images), labels
+            return random_crop_flip(images, self.black.to(images.device)), labels
         return batch
 
     @property

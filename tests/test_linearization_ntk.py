@@ -1,0 +1,244 @@
+"""The empirical NTK against ``J J^T`` from brute-force torch.func Jacobians, in float64."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from callbacks.linearization import EmpiricalNTK, parameter_groups
+from callbacks.linearization.ntk import _cheaper_through_gradients, _ModelFunction, _StructuredKernels
+from framework.errors import UserInputError
+from framework.models import MLP, SmallCNN
+from framework.testing.reference import empirical_ntk as reference_ntk
+from framework.testing.reference import per_example_jacobians
+
+IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured", "auto"]
+
+
+@pytest.fixture(autouse=True)
+def single_threaded_torch():
+    """These problems are tiny: on a shared machine, torch's threads waiting for each other cost
+    far more than they give (tens of seconds instead of a few for this file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MixedNet(nn.Module):
+    """Layers the structured path factorises (a padded conv contracted through its per-example
+    gradients, a rectangular conv contracted over its two positions, a Linear called twice) next
+    to ones it hands to Jacobian contraction (BatchNorm, a grouped conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 4, 3, stride=2, groups=2)
+        self.wide = nn.Conv2d(4, 8, kernel_size=(3, 2))
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.grouped(F.relu(self.norm(self.conv(x)))))  # (n, 4, 3, 3)
+        h = F.relu(self.wide(h)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def _mixed_net() -> MixedNet:
+    model = MixedNet().double()
+    with torch.no_grad():  # running statistics and affine parameters away from their defaults
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _model_and_inputs(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "mlp":
+        return MLP(6, 3, hidden=(8, 7)).double(), torch.randn(7, 6, dtype=torch.float64)
+    if name == "cnn":
+        return SmallCNN(1, 3, channels=(3, 4)).double(), torch.randn(7, 1, 8, 8, dtype=torch.float64)
+    return _mixed_net(), torch.randn(7, 1, 8, 8, dtype=torch.float64)
+
+
+def _as_matrix(kernel: torch.Tensor) -> torch.Tensor:
+    """A full (N, N, O, O) kernel as the (N O, N O) Gram matrix of all Jacobian rows."""
+    n, _, o, _ = kernel.shape
+    return kernel.permute(0, 2, 1, 3).reshape(n * o, n * o)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mixed"])
+def test_kernel_equals_jacobian_products_in_every_mode(model_name, implementation):
+    model, inputs = _model_and_inputs(model_name)
+    expected = reference_ntk(model, inputs)
+    expected_diagonal = torch.diagonal(expected, dim1=2, dim2=3)
+    # chunk_size=3 on 7 examples: uneven chunks, and blocks below the diagonal mirrored
+    kernel = lambda **options: EmpiricalNTK(implementation=implementation, chunk_size=3, **options)(model, inputs)
+    torch.testing.assert_close(kernel(), expected)
+    torch.testing.assert_close(kernel(mode="diagonal"), expected_diagonal)
+    torch.testing.assert_close(kernel(mode="trace"), expected_diagonal.mean(-1))
+    torch.testing.assert_close(kernel(mode="trace", trace_reduction="sum"), expected_diagonal.sum(-1))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mixed"])
+def test_cross_kernel_equals_jacobian_products(model_name, implementation):
+    model, inputs = _model_and_inputs(model_name)
+    inputs_1, inputs_2 = inputs, torch.randn_like(inputs[:4])
+    expected = reference_ntk(model, inputs_1, inputs_2)
+    kernel = lambda **options: EmpiricalNTK(implementation=implementation, chunk_size=3, **options)(model, inputs_1, inputs_2)
+    torch.testing.assert_close(kernel(), expected)
+    torch.testing.assert_close(kernel(mode="diagonal"), torch.diagonal(expected, dim1=2, dim2=3))
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector", "structured"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mixed"])
+def test_layer_kernels_are_their_parameters_kernels_sum_to_the_total_and_are_psd(model_name, implementation):
+    model, inputs = _model_and_inputs(model_name)
+    jacobians = per_example_jacobians(model, inputs)
+    kernels = EmpiricalNTK(implementation=implementation, chunk_size=4).layerwise(model, inputs)
+    groups = parameter_groups(model)
+    assert list(kernels) == list(groups)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    start = 0
+    for group, names in groups.items():
+        stop = start + sum(sizes[name] for name in names)
+        layer_jacobians = jacobians[:, :, start:stop]
+        torch.testing.assert_close(kernels[group], torch.einsum("iap,jbp->ijab", layer_jacobians, layer_jacobians))
+        matrix = _as_matrix(kernels[group])
+        torch.testing.assert_close(matrix, matrix.T)
+        eigenvalues = torch.linalg.eigvalsh(matrix)
+        assert eigenvalues.min() >= -1e-10 * eigenvalues.max()
+        start = stop
+    torch.testing.assert_close(sum(kernels.values()), EmpiricalNTK()(model, inputs))
+
+
+def test_layer_names_are_the_modules_owning_parameters():
+    model, _ = _model_and_inputs("mixed")
+    assert list(parameter_groups(model)) == ["conv", "norm", "grouped", "wide", "shared", "head"]
+    assert parameter_groups(nn.Linear(2, 2)) == {"(root)": ["weight", "bias"]}
+    model.norm.requires_grad_(False)
+    assert "norm" not in parameter_groups(model)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_mixed_net_exercises_both_contraction_orders_of_convolutions(diagonal):
+    model, inputs = _model_and_inputs("mixed")
+    structured = _StructuredKernels(_ModelFunction(model), model, parameter_groups(model))
+    assert set(structured.layers) == {"conv", "wide", "shared", "head"}
+    features = structured.features(inputs)
+    assert _cheaper_through_gradients(features["conv"], features["conv"], diagonal)
+    assert not _cheaper_through_gradients(features["wide"], features["wide"], diagonal)
+    assert features["shared"].inputs.shape[1] == 2  # both calls, as two positions
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_single_linear_layer_kernel_is_input_gram_plus_one_times_identity(implementation):
+    torch.manual_seed(0)
+    inputs_1, inputs_2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    layer = nn.Linear(4, 3).double()
+    expected = (inputs_1 @ inputs_2.T + 1)[:, :, None, None] * torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(EmpiricalNTK(implementation=implementation)(layer, inputs_1, inputs_2), expected)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "structured"])
+def test_frozen_parameters_do_not_count(implementation):
+    torch.manual_seed(0)
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    layer = nn.Linear(4, 3).double()
+    layer.bias.requires_grad_(False)
+    expected = (inputs @ inputs.T)[:, :, None, None] * torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(EmpiricalNTK(implementation=implementation)(layer, inputs), expected)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "structured"])
+def test_centered_kernel_is_the_kernel_of_centred_gradients_and_equals_hkh(implementation):
+    model, inputs = _model_and_inputs("cnn")
+    jacobians = per_example_jacobians(model, inputs)
+    centred_jacobians = jacobians - jacobians.mean(dim=0)
+    expected = torch.einsum("iap,jbp->ijab", centred_jacobians, centred_jacobians)
+    centred = EmpiricalNTK(centered=True, implementation=implementation)(model, inputs)
+    torch.testing.assert_close(centred, expected)
+    n = len(inputs)
+    centring = torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1 / n, dtype=torch.float64)
+    traced = EmpiricalNTK(mode="trace", implementation=implementation)(model, inputs)
+    centred_traced = EmpiricalNTK(mode="trace", centered=True, implementation=implementation)(model, inputs)
+    torch.testing.assert_close(centred_traced, centring @ traced @ centring)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector", "structured"])
+@pytest.mark.parametrize("training", [True, False])
+def test_mode_parameters_and_gradients_are_untouched(implementation, training):
+    model, inputs = _model_and_inputs("cnn")
+    model.train(training)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {name: (p.detach().clone(), p.grad.clone()) for name, p in model.named_parameters()}
+    ntk = EmpiricalNTK(implementation=implementation)
+    ntk(model, inputs)
+    ntk.layerwise(model, inputs)
+    assert all(module.training == training for module in model.modules())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name][0]) and torch.equal(p.grad, before[name][1])
+        assert p.requires_grad
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_training_mode_batchnorm_is_refused_not_switched():
+    model, inputs = _model_and_inputs("mixed")
+    model.train()
+    with pytest.raises(UserInputError, match="'norm'.*model.eval()"):
+        EmpiricalNTK()(model, inputs)
+    assert model.training
+
+
+def test_structured_refuses_shared_parameters():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    model[2].weight = model[0].weight
+    inputs = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(UserInputError, match="shared"):
+        EmpiricalNTK(implementation="structured")(model, inputs)
+    torch.testing.assert_close(EmpiricalNTK()(model, inputs), reference_ntk(model, inputs))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("mode", "frobenius", "['full', 'trace', 'diagonal']"),
+        ("trace_reduction", "max", "['mean', 'sum']"),
+        ("implementation", "fast", "['auto', 'jacobian', 'ntk_vector', 'structured']"),
+        ("chunk_size", 0, "> 0"),
+    ],
+)
+def test_bad_options_name_the_option_and_what_is_allowed(option, value, allowed):
+    with pytest.raises(UserInputError) as error:
+        EmpiricalNTK(**{option: value})
+    assert f"{option}={value!r}" in str(error.value) and allowed in str(error.value)
+
+
+def test_timing_structured_against_naive_vmap_jacrev(capsys):
+    """Printed, not asserted: the issue's 64-256-256-10 MLP at N = 256, float32."""
+    torch.manual_seed(0)
+    model = MLP(64, 10, hidden=(256, 256)).eval()
+    inputs = torch.randn(256, 64)
+    ntk = EmpiricalNTK(implementation="structured")
+    ntk(model, inputs[:8])  # warm-up
+    start = time.perf_counter()
+    structured = ntk(model, inputs)
+    structured_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    naive = reference_ntk(model, inputs)
+    naive_seconds = time.perf_counter() - start
+    torch.testing.assert_close(structured, naive, rtol=1e-4, atol=1e-4 * naive.abs().max().item())
+    with capsys.disabled():
+        print(
+            f"\nempirical NTK, MLP 64-256-256-10, N=256, full (256, 256, 10, 10), {torch.get_num_threads()} threads: "
+            f"structured {structured_seconds:.2f} s, naive vmap(jacrev)+einsum {naive_seconds:.2f} s, "
+            f"{naive_seconds / structured_seconds:.0f}x"
+        )
