@@ -8,7 +8,9 @@ Y?", so they all time the same way:
   outlier such as a garbage collection or a page fault drags);
 * candidates compared in the same process, called in interleaved rounds (A, B, A, B, ...) so that
   slow drift of the machine (thermal throttling, other jobs, allocator growth) hits all of them
-  alike instead of biasing whichever ran last; ratios are taken against a named baseline;
+  alike instead of biasing whichever ran last; a :class:`Comparison` gives ratios against a
+  named baseline, both of pooled medians and as the median of per-round ratios (robust to a
+  machine whose load changes between rounds), and prints them as a markdown table;
 * a loop that cannot be split into single calls from outside (``Trainer.fit``) times itself with
   a :class:`StepTimer` ticked at every iteration (:meth:`StepTimer.lightning_callback` ticks at
   every ``on_train_batch_end``), and its per-iteration intervals are the samples.
@@ -45,7 +47,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Timing:
-    """The wall-time samples (seconds) of one candidate and their summary statistics."""
+    """The time samples (seconds) of one candidate and their summary statistics."""
 
     samples: tuple[float, ...]
     name: str = ""

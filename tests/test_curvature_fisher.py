@@ -173,6 +173,15 @@ def test_gradients_and_mode_are_untouched(representation, training):
         assert (p.grad is None and grad is None) or torch.equal(p.grad, grad)
 
 
+@pytest.mark.parametrize("representation", ["dense", "implicit"])
+def test_works_inside_no_grad(representation):
+    model, inputs, targets = classification_task()
+    with torch.no_grad():
+        computed = fisher(model, [(inputs, targets)], representation).to_dense()
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(computed, reference_fisher(model, inputs, targets, "exact", "classification"))
+
+
 def test_mean_reduced_loss_gives_per_example_gradients():
     model, inputs, targets = classification_task()
     layout = ParameterLayout(model)
@@ -234,6 +243,8 @@ def test_unsupported_or_unusable_layers_are_refused_by_name():
         fisher(model, [inputs], fisher_type="empirical")
     with pytest.raises(UserInputError, match="re-iterable"):
         fisher(model, iter([inputs]))
+    with pytest.raises(UserInputError, match="got dict"):
+        fisher(model, [{"inputs": inputs}])
     for representation in ("kfac", "implicit"):
         with pytest.raises(UserInputError, match="no batches"):
             fisher(model, [], representation)

@@ -49,6 +49,8 @@ class CapturedBatch:
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     if torch.is_tensor(batch):
         return batch, None
+    if not isinstance(batch, (tuple, list)):
+        raise UserInputError(f"a batch must be an inputs tensor or an (inputs, targets, ...) tuple, got {type(batch).__name__}")
     return batch[0], batch[1] if len(batch) > 1 else None
 
 
@@ -57,10 +59,11 @@ def _captured_batches(
 ) -> Iterator[CapturedBatch]:
     for batch in data:
         inputs, targets = _split(batch)
-        with torch.enable_grad(), LayerCapture(layout) as capture:
-            outputs = layout.model(inputs)
-        draws = output_gradient_draws(outputs, targets, fisher_type, task, samples, generator)
-        gradients = [capture.output_gradients((outputs.flatten(1) * draw).sum()) for draw in draws]
+        with torch.enable_grad():
+            with LayerCapture(layout) as capture:
+                outputs = layout.model(inputs)
+            draws = output_gradient_draws(outputs, targets, fisher_type, task, samples, generator)
+            gradients = [capture.output_gradients((outputs.flatten(1) * draw).sum()) for draw in draws]
         yield CapturedBatch(inputs.shape[0], capture.inputs, gradients)
 
 

@@ -6,8 +6,7 @@ from typing import Literal
 import torch
 
 from framework.data.files import check_cifar_root, load_cifar
-from framework.data.images import ImageDataModule, ImageFormat
-from framework.data.mnist import carve_validation, check_val_size
+from framework.data.images import ImageDataModule, ImageFormat, carve_validation, check_val_size
 
 _NUM_LABELS = {(10, "fine"): 10, (100, "fine"): 100, (100, "coarse"): 20}
 

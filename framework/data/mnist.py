@@ -2,44 +2,10 @@
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from framework.data.files import check_mnist_root, load_mnist
-from framework.data.images import ImageDataModule, ImageFormat, split_off
-from framework.errors import UserInputError
-
-
-def check_val_size(val_size: int | float) -> None:
-    """Refuse a validation size that can never leave a non-empty split: a count must be a
-    positive int, a fraction a float in (0, 1). (Whether a count fits is known only once the
-    files are read.)"""
-    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
-        raise UserInputError(f"val_size={val_size!r} must be a count (int) or a fraction (float)")
-    if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
-        raise UserInputError(f"val_size={val_size!r} must be a fraction in (0, 1) when it is a float")
-    if isinstance(val_size, int) and val_size < 1:
-        raise UserInputError(f"val_size={val_size!r} must be a positive count when it is an int")
-
-
-def carve_validation(
-    official: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int | float, seed: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Turn the official ``train``/``test`` splits (uint8 images (N, C, H, W), int64 labels)
-    into ``train``/``val``/``test`` float images in [0, 1] and int64 labels, the validation
-    split carved out of the official training set by a permutation fixed by ``seed``. Splits
-    before converting, so the float copy of the training set is made once."""
-    images, labels = official["train"]
-    kept, held_out = (index.numpy() for index in split_off(len(labels), val_size, seed))
-    parts = {
-        "train": (images[kept], labels[kept]),
-        "val": (images[held_out], labels[held_out]),
-        "test": official["test"],
-    }
-    return {
-        name: (torch.from_numpy(x).to(torch.float32).div_(255.0), torch.from_numpy(y).to(torch.int64))
-        for name, (x, y) in parts.items()
-    }
+from framework.data.images import ImageDataModule, ImageFormat, carve_validation, check_val_size
 
 
 class MNISTDataModule(ImageDataModule):

@@ -142,7 +142,7 @@ def main() -> None:
         num_train = len(datamodule.datasets["train"])
 
         print("## Environment\n")
-        for key, value in {**environment(), "lightning": L.__version__}.items():
+        for key, value in environment().items():
             print(f"- {key}: {value}")
         print(
             f"\n## Setup\n\n- model: WRN-{args.depth}-{args.widen_factor}, 1 input channel, 10 classes, "
