@@ -37,6 +37,7 @@ __all__ = [
     "Comparison",
     "StepTimer",
     "Timing",
+    "busy_warning",
     "compare",
     "compare_samples",
     "environment",
@@ -347,6 +348,18 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         info["cuda device"] = torch.cuda.get_device_name()
     return info
+
+
+def busy_warning(threshold: float = 0.5) -> str | None:
+    """A warning when the 1-minute load average exceeds ``threshold`` x the number of cores
+    (other jobs compete for the CPU, so wall times measure them too), else None. Call it
+    before and after a benchmark and print what it returns."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= threshold * cores:
+        return None
+    return f"WARNING: load average {load:.2f} on {cores} cores: other processes compete for the CPU; wall times are unreliable"
 
 
 def _cpu_model() -> str:

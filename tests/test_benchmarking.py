@@ -10,6 +10,7 @@ from framework.benchmarking import (
     Comparison,
     StepTimer,
     Timing,
+    busy_warning,
     compare,
     compare_samples,
     environment,
@@ -138,3 +139,11 @@ def test_threads_are_set_and_restored():
     with torch_threads(None):
         assert torch.get_num_threads() == before
     assert environment()["torch threads"] == str(before)
+
+
+def test_busy_warning_follows_the_load_average(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert busy_warning() is None
+    monkeypatch.setattr("os.getloadavg", lambda: (5.0, 4.0, 3.0))
+    assert "load average 5.00 on 2 cores" in busy_warning()

@@ -108,3 +108,20 @@ def test_sequence_task_trains_on_the_copy_task_but_no_memoryless_model_beats_the
     # beat the memoryless baseline 10 ln 8 / (delay + 20).
     assert trainer.callback_metrics["val/loss"] < 0.75 * np.log(10)
     assert trainer.callback_metrics["val/loss"] > data.baseline_loss
+
+
+class PenalisedBackbone(PerStepLinear):
+    """A backbone with its own penalty, like nnRNN's alpha penalty and decay on T."""
+
+    def regularization(self) -> torch.Tensor:
+        return self.linear.weight.square().sum()
+
+
+def test_training_loss_includes_the_backbones_regularization():
+    task = SequenceTask(PenalisedBackbone(3, 4))
+    task.log = lambda *args, **kwargs: None
+    inputs, targets = torch.randn(2, 5, 3), torch.randint(0, 4, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss = task.training_step((inputs, targets, mask), 0)
+    expected = F.cross_entropy(task(inputs).reshape(10, 4), targets.reshape(10)) + task.backbone.linear.weight.square().sum()
+    torch.testing.assert_close(loss, expected)

@@ -1,10 +1,14 @@
 """Fisher information matrices: capture by module hooks (:mod:`.capture`, :mod:`.layers`), Fisher
 types as output-gradient draws (:mod:`.targets`), and interchangeable representations behind one
-interface (:mod:`.representations`), assembled by :func:`fisher`. See ``docs/curvature.md``."""
+interface (:mod:`.representations`), assembled by :func:`fisher`; the EKFAC/KFAC optimiser
+(:mod:`.optimizer`) and its Lightning callback (:mod:`.callback`). See ``docs/curvature.md``."""
 
 from callbacks.curvature.builder import REPRESENTATIONS, fisher
+from callbacks.curvature.callback import EKFACStatistics
 from callbacks.curvature.capture import LayerCapture
 from callbacks.curvature.layers import ParameterLayout, second_moment
+from callbacks.curvature.optimizer import EKFAC as EKFACOptimizer  # the representation EKFAC keeps the name here
+from callbacks.curvature.optimizer import CurvatureError, FisherStatistics
 from callbacks.curvature.pvector import PVector
 from callbacks.curvature.representations import (
     EKFAC,
@@ -25,9 +29,13 @@ __all__ = [
     "REPRESENTATIONS",
     "TASKS",
     "BlockDiagonal",
+    "CurvatureError",
     "Dense",
     "Diagonal",
+    "EKFACOptimizer",
+    "EKFACStatistics",
     "FisherRepresentation",
+    "FisherStatistics",
     "Implicit",
     "LayerCapture",
     "LowRank",

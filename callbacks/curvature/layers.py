@@ -143,15 +143,20 @@ class Conv2dLayer(KroneckerLayer):
         return gradients.flatten(2).transpose(1, 2)
 
 
+def has_kronecker_form(module: nn.Module) -> bool:
+    """Whether ``module`` is a Kronecker layer: ``nn.Linear``, or ``nn.Conv2d`` with groups=1 and
+    zero padding, with a trainable weight."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)) or not module.weight.requires_grad:
+        return False
+    return isinstance(module, nn.Linear) or (module.groups == 1 and module.padding_mode == "zeros")
+
+
 def _layer(name: str, module: nn.Module, parameters: dict[str, nn.Parameter]) -> Layer:
     if isinstance(module, UNSUPPORTED_TYPES):
         raise UserInputError(f"layer {name!r} of type {type(module).__name__} cannot be handled; supported: {SUPPORTED}")
-    kronecker = isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.requires_grad
-    if kronecker and isinstance(module, nn.Linear):
-        return LinearLayer(name, module, parameters)
-    if kronecker and module.groups == 1 and module.padding_mode == "zeros":
-        return Conv2dLayer(name, module, parameters)
-    return Layer(name, module, parameters)
+    if not has_kronecker_form(module):
+        return Layer(name, module, parameters)
+    return LinearLayer(name, module, parameters) if isinstance(module, nn.Linear) else Conv2dLayer(name, module, parameters)
 
 
 class ParameterLayout:

@@ -4,6 +4,7 @@ from framework.data.base import EpochRandomSampler, SplitDataModule
 from framework.data.cifar import CIFARDataModule
 from framework.data.images import DigitsDataModule, ImageDataModule
 from framework.data.mnist import MNISTDataModule
+from framework.data.relational import SameDifferentDataModule
 from framework.data.sequences import AddingTaskDataModule, CopyTaskDataModule
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "EpochRandomSampler",
     "ImageDataModule",
     "MNISTDataModule",
+    "SameDifferentDataModule",
     "SplitDataModule",
 ]

@@ -90,6 +90,16 @@ class Task(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def regularized(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add the backbone's own penalty (a ``regularization()`` method, e.g. nnRNN's alpha
+        penalty and decay on T) to a training loss, logged as ``train/regularization``."""
+        regularization = getattr(self.backbone, "regularization", None)
+        if regularization is None:
+            return loss
+        penalty = regularization()
+        self.log("train/regularization", penalty, on_step=True, on_epoch=False)
+        return loss + penalty
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters, split into a default group and a no-weight-decay group."""
         decay, no_decay = [], []

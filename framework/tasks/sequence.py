@@ -64,7 +64,7 @@ class SequenceTask(Task):
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self.regularized(self._step(batch, "train"))
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -231,8 +231,8 @@ class CallbackContract:
         settings.update(trainer_kwargs)
         trainer = L.Trainer(callbacks=[callback, recorder, *callbacks], **settings)
         trainer.fit(self.task_factory(), datamodule=self.datamodule_factory(), ckpt_path=ckpt_path)
-        if self.wandb and trainer.is_global_zero and logger.experiment is not None:
-            logger.experiment.finish()
+        if self.wandb and logger._experiment is not None:  # under ddp_spawn the run lived in a child
+            logger._experiment.finish()
         return torch.load(directory / "records" / "rank0.pt", weights_only=False)
 
     def check_ddp(self, directory: Path) -> None:

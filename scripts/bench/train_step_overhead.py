@@ -20,7 +20,8 @@ of the machine affects both alike; the report gives the median step time of each
 framework / plain (the target is <= 1.10 at batch 128).
 
     python scripts/bench/train_step_overhead.py                    # WRN-16-2, batch 128
-    python scripts/bench/train_step_overhead.py --depth 10 --widen-factor 1 --steps 40
+    python scripts/bench/train_step_overhead.py --threads 1                        # less sensitive to other jobs
+    python scripts/bench/train_step_overhead.py --model linear --steps 60 --threads 1  # fixed overhead per step
 """
 
 import argparse
@@ -36,7 +37,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from framework.benchmarking import Comparison, StepTimer, compare_samples, environment, torch_threads
+from framework.benchmarking import Comparison, StepTimer, busy_warning, compare_samples, environment, torch_threads
 from framework.data import DigitsDataModule
 from framework.models import WideResNet
 from framework.tasks import ClassificationTask
@@ -47,6 +48,12 @@ SGD_SETTINGS = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": T
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "--model",
+        choices=("wrn", "linear"),
+        default="wrn",
+        help="'linear' (Flatten + Linear) makes compute nearly free, so the step times show the fixed per-step overhead of each loop",
+    )
     parser.add_argument("--depth", type=int, default=16, help="WRN depth (6n+4); 16 with k=2 takes ~0.8 s per step on 2 CPU threads")
     parser.add_argument("--widen-factor", type=int, default=2, help="WRN width multiplier k")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -136,7 +143,12 @@ def main() -> None:
 
     with torch_threads(args.threads):
         torch.manual_seed(args.seed)
-        initial = WideResNet(depth=args.depth, widen_factor=args.widen_factor, num_classes=10, in_channels=1)
+        if args.model == "wrn":
+            initial = WideResNet(depth=args.depth, widen_factor=args.widen_factor, num_classes=10, in_channels=1)
+            model_name = f"WRN-{args.depth}-{args.widen_factor}, 1 input channel, 10 classes"
+        else:
+            initial = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
+            model_name = "Flatten + Linear(1024, 10) (near-free compute: shows the fixed overhead per step)"
         datamodule = DigitsDataModule(image_size=32, batch_size=args.batch_size, seed=args.seed)
         datamodule.setup("fit")
         num_train = len(datamodule.datasets["train"])
@@ -144,8 +156,10 @@ def main() -> None:
         print("## Environment\n")
         for key, value in environment().items():
             print(f"- {key}: {value}")
+        if warning := busy_warning():
+            print(f"\n{warning}")
         print(
-            f"\n## Setup\n\n- model: WRN-{args.depth}-{args.widen_factor}, 1 input channel, 10 classes, "
+            f"\n## Setup\n\n- model: {model_name}, "
             f"{sum(p.numel() for p in initial.parameters()):,} parameters, float32, train mode\n"
             f"- data: DigitsDataModule(image_size=32), {num_train} training images, batch {args.batch_size} "
             f"({-(-num_train // args.batch_size)} steps per epoch, the last one partial), num_workers=0\n"
@@ -169,7 +183,10 @@ def main() -> None:
         )
         cpu = Comparison({name: log.cpu_rounds for name, log in logs.items()}, baseline="plain")
 
-    print(f"## Step time (wall clock, perf_counter)\n\nload average after the runs: {', '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(f"## Step time (wall clock, perf_counter)\n\nload average after the runs: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if warning := busy_warning():
+        print(warning)
+    print()
     print(
         wall.table(
             extra={

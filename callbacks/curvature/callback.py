@@ -1,0 +1,73 @@
+"""``EKFACStatistics``: the Lightning side of the :class:`EKFAC` optimiser.
+
+The task's optimiser is an EKFAC (``optimizer: functools.partial(EKFAC, lr=...)``, or
+``class_path: callbacks.curvature.EKFAC`` in YAML); this callback attaches it to the
+LightningModule at ``on_fit_start`` (after the optimisers exist, before their state is restored),
+records the training forward pass of every batch whose optimiser step needs statistics (so an
+accumulated step covers all its micro-batches), draws the output gradients in
+``on_before_backward`` while the graph is alive, and logs what the optimiser measured. All the
+curvature state lives in the optimiser's ``state_dict``, so checkpoints restore it.
+"""
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.curvature.optimizer import EKFAC, FisherStatistics
+from callbacks.curvature.targets import FISHER_TYPES, TASKS
+from framework.errors import UserInputError, check_choice, check_positive
+
+
+class EKFACStatistics(Callback):
+    """Feeds the task's :class:`EKFAC` optimiser the Fisher statistics of its training batches and
+    logs, on the trainer/global_step axis, every ``log_every_n_steps``: ``ekfac/damping``,
+    ``ekfac/condition/<layer>`` (the damped scaling's largest over smallest entry),
+    ``ekfac/preconditioned_to_raw_norm`` and ``ekfac/kl_clip_factor``; and
+    ``ekfac/eigen_seconds`` at every step with an eigendecomposition.
+
+    Args: as :class:`FisherStatistics` (``fisher_type`` ``mc`` by default: the true Fisher; the
+    LightningModule's ``forward``, or the submodule ``output_module``, must return the logits or
+    regression outputs, and ``empirical`` takes the labels from ``batch[1]``).
+    """
+
+    def __init__(
+        self, fisher_type: str = "mc", task: str = "classification", samples: int = 1, seed: int = 0, output_module: str = ""
+    ) -> None:
+        check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        check_choice("task", task, TASKS)
+        check_positive("samples", samples)
+        self.fisher_type, self.task, self.samples, self.seed, self.output_module = fisher_type, task, samples, seed, output_module
+        self.statistics: FisherStatistics | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizers = [optimizer for optimizer in trainer.optimizers if isinstance(optimizer, EKFAC)]
+        if len(optimizers) != 1:
+            kinds = [type(optimizer).__name__ for optimizer in trainer.optimizers]
+            raise UserInputError(f"EKFACStatistics needs exactly one EKFAC optimizer in the task, got {kinds}")
+        self.statistics = FisherStatistics(
+            pl_module, optimizers[0], self.fisher_type, self.task, self.samples, self.seed, self.output_module
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        self.statistics.start(targets)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self.statistics.finish()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.statistics.cancel()
+        metrics = self.statistics.optimizer.pop_metrics()
+        if trainer.global_step % trainer.log_every_n_steps != 0:
+            metrics = {key: value for key, value in metrics.items() if key == "ekfac/eigen_seconds"}
+        # Straight to the loggers: self.log would re-log a step's value (eigen_seconds) at later steps.
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.statistics.cancel()

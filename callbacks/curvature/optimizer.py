@@ -1,0 +1,439 @@
+"""The EKFAC optimiser (George, Laurent et al. 2018), with KFAC as the same optimiser without
+re-estimation, on the functional core's capture (:class:`LayerCapture`, :class:`ParameterLayout`,
+:func:`output_gradient_draws`) and algebra (:class:`EigenBlock`).
+
+How the optimiser gets its statistics: it takes parameters only, like any torch optimiser, so
+``Task.optimizer`` can be ``functools.partial(EKFAC, lr=...)``. A :class:`FisherStatistics`
+attaches it to a model: it tells the optimiser which parameters form Kronecker layers and, on the
+steps where the optimiser asks for statistics, records a forward pass (layer inputs, by hooks)
+and draws output gradients (sampled targets by default) with one extra backward to the layer
+outputs, which writes no ``.grad``. The Lightning callback :class:`EKFACStatistics` drives it from
+its hooks; in a plain loop wrap the forward pass in ``statistics.record(targets)``.
+
+Per Kronecker layer, with statistics summed over every batch recorded since the last step (all
+micro-batches of an accumulated step, all ranks), divided by their number of examples:
+
+- every ``stats_every`` steps the KFAC factors A, G (KFC convention, see ``builder``) are
+  running-averaged with weight ``decay`` on the old value;
+- every ``eigen_every`` steps they are eigendecomposed and the scaling is reset to l_G l_A^T;
+- every ``scale_every`` steps (never if None: KFAC) the scaling is running-averaged towards the
+  second moment of per-example gradients projected in the eigenbasis;
+- the direction is ``Q_G [(Q_G^T dW Q_A) / (scaling + damping)] Q_A^T`` of dW = grad + weight
+  decay * parameter, then momentum and the learning rate as in SGD.
+
+Every other parameter (BatchNorm, embeddings, grouped convolutions, ...) takes a plain SGD step
+with the same learning rate, momentum and weight decay: BatchNorm in training mode mixes the
+examples of a batch, so it has no per-example gradients to build a curvature from.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from callbacks.curvature.blocks import EigenBlock
+from callbacks.curvature.builder import CapturedBatch
+from callbacks.curvature.capture import LayerCapture
+from callbacks.curvature.layers import KroneckerLayer, ParameterLayout, has_kronecker_form, second_moment
+from callbacks.curvature.targets import FISHER_TYPES, TASKS, output_gradient_draws
+from framework.errors import UserInputError, check_choice, check_positive
+
+
+class CurvatureError(RuntimeError):
+    """A layer's curvature became non-finite or could not be eigendecomposed."""
+
+
+def _check_frequency(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserInputError(f"{name}={value!r} must be an integer >= 1" + (" or None" if allow_none else ""))
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise UserInputError(f"{name}={value!r} must be in [0, 1)")
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum each tensor over the ranks of the default process group, in one collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class EKFAC(Optimizer):
+    """EKFAC (``scale_every`` an integer) or KFAC (``scale_every=None``); see the module docstring.
+
+    Args:
+        params: parameters or parameter groups (groups may set ``lr``, ``momentum``, ``weight_decay``).
+        lr, momentum, weight_decay: as in ``torch.optim.SGD`` (weight decay is added to the
+            gradient before preconditioning).
+        damping: added to the scaling before dividing, > 0.
+        decay: weight of the old value in the running averages of factors and scaling, in [0, 1).
+        stats_every, eigen_every, scale_every: frequencies in optimiser steps, >= 1.
+        kl_clip: if set, the preconditioned directions are scaled by
+            nu = min(1, sqrt(kl_clip / sum_layers lr^2 v.g)) (v preconditioned, g raw), which bounds
+            the step's predicted KL divergence (Ba et al. 2017); None: no clipping.
+        jitter: diagonal shift, relative to the factor's mean diagonal, for the float64 retry of
+            a failed eigendecomposition.
+
+    Needs :class:`FisherStatistics` (or the :class:`EKFACStatistics` callback) to attach it to
+    the model before its first step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        decay: float = 0.95,
+        stats_every: int = 1,
+        eigen_every: int = 20,
+        scale_every: int | None = 1,
+        kl_clip: float | None = None,
+        jitter: float = 1e-6,
+    ) -> None:
+        check_positive("lr", lr)
+        check_positive("damping", damping)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("jitter", jitter)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        _check_fraction("momentum", momentum)
+        _check_fraction("decay", decay)
+        _check_frequency("stats_every", stats_every)
+        _check_frequency("eigen_every", eigen_every)
+        _check_frequency("scale_every", scale_every, allow_none=True)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.damping = damping
+        self.decay = decay
+        self.stats_every = stats_every
+        self.eigen_every = eigen_every
+        self.scale_every = scale_every
+        self.kl_clip = kl_clip
+        self.jitter = jitter
+        self.steps = 0
+        self.layers: dict[str, KroneckerLayer] | None = None
+        self._pending: list[CapturedBatch] = []
+        self._metrics: dict[str, float] = {}
+
+    def attach_layers(self, layout: ParameterLayout) -> None:
+        """Precondition the Kronecker layers of ``layout`` whose parameters this optimiser holds."""
+        held = {p for group in self.param_groups for p in group["params"]}
+        self.layers = {
+            name: layer
+            for name, layer in layout.layers.items()
+            if isinstance(layer, KroneckerLayer) and all(p in held for p in layer.parameters.values())
+        }
+
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.steps % every == 0
+
+    def wants_statistics(self) -> bool:
+        """Whether the coming step updates the factors or the scaling, i.e. needs recorded batches."""
+        return self._due(self.stats_every) or self._due(self.scale_every)
+
+    def add_statistics(self, batch: CapturedBatch) -> None:
+        """Keep one recorded batch (layer inputs and output-gradient draws, as captured by
+        :class:`LayerCapture`) for the coming step, in each layer's parameter dtype."""
+        if self.layers is None:
+            raise UserInputError("EKFAC is not attached to a model: use FisherStatistics(model, optimizer) first")
+        dtypes = {name: layer.module.weight.dtype for name, layer in self.layers.items() if name in batch.inputs}
+        inputs = {name: batch.inputs[name].to(dtype) for name, dtype in dtypes.items()}
+        draws = [{name: draw[name].to(dtype) for name, dtype in dtypes.items()} for draw in batch.draws]
+        self._pending.append(CapturedBatch(batch.size, inputs, draws))
+
+    def pop_metrics(self) -> dict[str, float]:
+        """What the last steps measured (``ekfac/...``), cleared on reading."""
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["counters"] = {"steps": self.steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.steps = state_dict.pop("counters")["steps"]
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Update the curvature from the recorded batches where due, then take one step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layers is None:
+            raise UserInputError("EKFAC is not attached to a model: use FisherStatistics(model, optimizer) first")
+        self._update_curvature()
+        self._pending.clear()
+        self._apply(self._directions())
+        self.steps += 1
+        return loss
+
+    def _layer_state(self, layer: KroneckerLayer) -> dict[str, Any]:
+        return self.state[next(iter(layer.parameters.values()))]
+
+    def _recorded(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, output gradients) of each draw of each pending batch that ran the layer."""
+        for batch in self._pending:
+            if name in batch.inputs:
+                for draw in batch.draws:
+                    yield batch.inputs[name], draw[name]
+
+    def _running_average(self, state: dict[str, Any], key: str, value: torch.Tensor, what: str) -> None:
+        """Fold ``value`` into ``state[key]``; refuse a non-finite result before it reaches the model."""
+        state[key] = value if key not in state else self.decay * state[key] + (1 - self.decay) * value
+        if not _finite(state[key]):
+            raise CurvatureError(f"EKFAC: the {what} became non-finite at step {self.steps}; lower the learning rate")
+
+    def _averaged(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pending sums of all ranks, divided by their number of examples."""
+        reference = next(iter(statistics.values()))
+        examples = reference.new_tensor(float(sum(batch.size for batch in self._pending)))
+        *sums, examples = _all_reduce_sum([*statistics.values(), examples])
+        return {key: total / examples for key, total in zip(statistics, sums)}
+
+    def _update_curvature(self) -> None:
+        recorded = {name: layer for name, layer in self.layers.items() if any(name in b.inputs for b in self._pending)}
+        if recorded and self._due(self.stats_every):
+            factors = {}
+            for name in recorded:
+                inputs = torch.cat([batch.inputs[name].flatten(0, 1) for batch in self._pending if name in batch.inputs])
+                factors[f"A {name}"] = inputs.T @ inputs
+                factors[f"G {name}"] = sum(g.flatten(0, 1).T @ g.flatten(0, 1) / g.shape[1] for _, g in self._recorded(name))
+            averaged = self._averaged(factors)
+            for name, layer in recorded.items():
+                state = self._layer_state(layer)
+                self._running_average(state, "input_factor", averaged[f"A {name}"], f"input factor of layer {name!r}")
+                self._running_average(state, "output_factor", averaged[f"G {name}"], f"output-gradient factor of layer {name!r}")
+        if self._due(self.eigen_every) and self.layers:
+            self._eigendecompose()
+        if recorded and self._due(self.scale_every):
+            projected = {
+                name: sum(
+                    second_moment(a @ self._layer_state(layer)["input_basis"], g @ self._layer_state(layer)["output_basis"])
+                    for a, g in self._recorded(name)
+                )
+                for name, layer in recorded.items()
+            }
+            for name, scaling in self._averaged(projected).items():
+                self._running_average(self._layer_state(self.layers[name]), "scaling", scaling, f"scaling of layer {name!r}")
+
+    def _eigendecompose(self) -> None:
+        started = time.perf_counter()
+        for name, layer in self.layers.items():
+            state = self._layer_state(layer)
+            if "input_factor" not in state:
+                raise UserInputError(
+                    f"EKFAC has no curvature statistics for layer {name!r} at step {self.steps}: record the forward "
+                    "pass with FisherStatistics.record (or use the EKFACStatistics callback)"
+                )
+            values_a, state["input_basis"] = self._eigh(state["input_factor"], name, "input")
+            values_g, state["output_basis"] = self._eigh(state["output_factor"], name, "output-gradient")
+            state["scaling"] = torch.outer(values_g, values_a)
+        self._metrics["ekfac/eigen_seconds"] = time.perf_counter() - started
+
+    def _eigh(self, factor: torch.Tensor, layer: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (clamped at 0) and eigenvectors; on failure or non-finite output, retried in
+        float64 with a diagonal jitter, then an error naming the layer and the step."""
+        shift = factor.diagonal().abs().mean().double() * self.jitter
+        jittered = factor.double() + shift * torch.eye(len(factor), dtype=torch.float64, device=factor.device)
+        for matrix in (factor, jittered):
+            try:
+                values, vectors = torch.linalg.eigh(matrix)
+            except RuntimeError:
+                continue
+            if _finite(values, vectors):
+                return values.clamp_min(0).to(factor.dtype), vectors.to(factor.dtype)
+        problem = "has non-finite entries" if not _finite(factor) else "could not be eigendecomposed"
+        raise CurvatureError(
+            f"EKFAC: the {which} factor of layer {layer!r} {problem} at step {self.steps}, also in float64 with "
+            f"jitter {self.jitter}; lower the learning rate or raise the damping"
+        )
+
+    def _directions(self) -> dict[torch.Tensor, torch.Tensor]:
+        """grad + weight decay * parameter for every parameter with a gradient, preconditioned
+        per Kronecker layer."""
+        directions, learning_rates = {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                learning_rates[p] = group["lr"]
+                if p.grad is not None:
+                    directions[p] = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+        raw_squared = preconditioned_squared = predicted_kl = 0.0
+        preconditioned = []
+        for name, layer in self.layers.items():
+            params = list(layer.parameters.values())
+            if not any(p in directions for p in params):
+                continue
+            state = self._layer_state(layer)
+            if "scaling" not in state:
+                raise UserInputError(
+                    f"EKFAC has no curvature for layer {name!r} at step {self.steps}: record the forward pass with "
+                    "FisherStatistics.record (or use the EKFACStatistics callback)"
+                )
+            flat = torch.cat([directions.get(p, torch.zeros_like(p)).reshape(-1) for p in params])
+            block = EigenBlock(layer, state["output_basis"], state["input_basis"], state["scaling"])
+            natural = block.solve(flat, self.damping)
+            for p, part in zip(params, natural.split([p.numel() for p in params])):
+                directions[p] = part.view_as(p)
+            preconditioned += params
+            predicted_kl += learning_rates[params[0]] ** 2 * torch.dot(natural, flat).item()
+            raw_squared += flat.square().sum().item()
+            preconditioned_squared += natural.square().sum().item()
+            scaling = state["scaling"]
+            self._metrics[f"ekfac/condition/{name}"] = ((scaling.max() + self.damping) / (scaling.min() + self.damping)).item()
+        self._metrics["ekfac/damping"] = self.damping
+        if self.kl_clip is not None and predicted_kl > 0:
+            self._metrics["ekfac/kl_clip_factor"] = factor = min(1.0, (self.kl_clip / predicted_kl) ** 0.5)
+            preconditioned_squared *= factor**2
+            for p in preconditioned:
+                directions[p] = directions[p] * factor
+        if raw_squared > 0:
+            self._metrics["ekfac/preconditioned_to_raw_norm"] = (preconditioned_squared / raw_squared) ** 0.5
+        return directions
+
+    def _apply(self, directions: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Momentum and learning rate, as ``torch.optim.SGD`` does them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in directions:
+                    continue
+                direction = directions[p]
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = direction.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(direction)
+                    direction = state["momentum_buffer"]
+                p.add_(direction, alpha=-group["lr"])
+
+
+class FisherStatistics:
+    """Attaches an :class:`EKFAC` to ``model`` and records the statistics it asks for.
+
+    Args:
+        model: the network; its Linear/Conv2d layers (with a Kronecker form) are preconditioned.
+        optimizer: the EKFAC holding the model's parameters.
+        fisher_type: ``mc`` (targets sampled from the model: the true Fisher), ``empirical``
+            (the observed labels, i.e. the training loss's own per-example gradients) or
+            ``exact`` (every class, one extra backward each).
+        task: ``classification`` (the output is logits, softmax cross-entropy) or ``regression``
+            (unit Gaussian).
+        samples: targets drawn per example for ``mc``.
+        seed: the sampled targets of a recorded batch are a function of (seed, optimiser step,
+            batch within the step, rank), so resumed runs draw the same ones and the training's
+            random stream is left alone.
+        output_module: name of the submodule whose output is the model's output ("" for ``model``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: EKFAC,
+        fisher_type: str = "mc",
+        task: str = "classification",
+        samples: int = 1,
+        seed: int = 0,
+        output_module: str = "",
+    ) -> None:
+        check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        check_choice("task", task, TASKS)
+        check_positive("samples", samples)
+        if not isinstance(optimizer, EKFAC):
+            raise UserInputError(f"FisherStatistics needs an EKFAC optimizer, got {type(optimizer).__name__}")
+        kronecker = [name for name, module in model.named_modules() if has_kronecker_form(module)]
+        self.layout = ParameterLayout(model, kronecker)
+        self.optimizer = optimizer
+        self.fisher_type, self.task, self.samples, self.seed = fisher_type, task, samples, seed
+        self.output_module = model.get_submodule(output_module)
+        optimizer.attach_layers(self.layout)
+        self._capture: LayerCapture | None = None
+        self._output_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._outputs: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        self._recorded_at: tuple[int, int] = (-1, 0)
+
+    @contextmanager
+    def record(self, targets: torch.Tensor | None = None) -> Iterator[None]:
+        """Record the forward pass run inside (if the optimiser's next step needs statistics);
+        on leaving, draw output gradients (an extra backward to the layer outputs, no ``.grad``
+        written) and hand the batch to the optimiser. ``targets`` are needed by ``empirical``."""
+        self.start(targets)
+        try:
+            yield
+        except BaseException:
+            self.cancel()
+            raise
+        self.finish()
+
+    def start(self, targets: torch.Tensor | None = None) -> None:
+        """Begin recording (see :meth:`record`); a no-op if no statistics are due."""
+        self.cancel()
+        if not (self.optimizer.wants_statistics() and self.optimizer.layers and torch.is_grad_enabled()):
+            return
+        self._targets = targets
+        self._capture = LayerCapture(self.layout).__enter__()
+        self._output_hook = self.output_module.register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # The first call to finish is the model's own forward: under DDP, Lightning runs
+        # training_step through the LightningModule's forward, which then returns the loss.
+        if self._outputs is None:
+            self._outputs = output
+
+    def cancel(self) -> None:
+        """Stop recording and drop what was recorded."""
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._output_hook.remove()
+        self._capture = self._output_hook = self._outputs = self._targets = None
+
+    def finish(self) -> None:
+        """Stop recording and hand the recorded batch to the optimiser (before the graph is freed)."""
+        capture, outputs, targets = self._capture, self._outputs, self._targets
+        self.cancel()
+        if capture is None:
+            return
+        if outputs is None or not capture.inputs:
+            raise UserInputError(
+                f"no forward pass of the model ({type(self.output_module).__name__}) was recorded; call the model "
+                "inside record() (a LightningModule's training_step must call self(...)), or set output_module"
+            )
+        if not _finite(outputs.detach()):
+            raise CurvatureError(f"EKFAC: non-finite model output at step {self.optimizer.steps}; lower the learning rate")
+        draws = output_gradient_draws(
+            outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32)),
+            targets,
+            self.fisher_type,
+            self.task,
+            self.samples,
+            self._generator(outputs.device),
+        )
+        gradients = [capture.output_gradients((outputs.flatten(1) * draw).sum()) for draw in draws]
+        self.optimizer.add_statistics(CapturedBatch(outputs.shape[0], capture.inputs, gradients))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        step, batch = self._recorded_at
+        batch = batch + 1 if step == self.optimizer.steps else 0
+        self._recorded_at = (self.optimizer.steps, batch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return torch.Generator(device=device).manual_seed(hash((self.seed, self.optimizer.steps, batch, rank)) % 2**63)

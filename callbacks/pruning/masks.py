@@ -1,0 +1,162 @@
+"""Which tensors are pruned, how their masks are chosen, applied, made permanent and rewound.
+
+Masks live in the model through ``torch.nn.utils.prune``: a pruned ``weight`` becomes the
+parameter ``weight_orig`` and the buffer ``weight_mask``, and ``weight = weight_orig * weight_mask``
+is recomputed before every forward. Pruned weights are therefore exactly zero whatever the
+optimizer does to ``weight_orig`` (momentum, Adam, weight decay), and the mask is part of the
+model's ``state_dict``.
+
+**Amount.** A target sparsity ``s`` is a fraction of *all* prunable units of the scope (weights,
+or output channels when structured), not of the remaining ones as in ``torch.nn.utils.prune``:
+after selection exactly ``round(s * units)`` units are pruned (Python's ``round``), per tensor
+for ``scope="layer"``, over all tensors together for ``scope="global"``.
+
+**Ties and monotonicity.** Units already pruned stay pruned (masks only shrink); among the
+others the lowest scores are pruned, ties broken by position: the unit with the lower index
+(tensors in model order, each flattened row-major) is pruned first.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from framework.errors import UserInputError, check_choice
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
+PARAMETER_NAMES = ("weight", "bias")
+SCOPES = ("global", "layer")
+
+
+@dataclass(frozen=True)
+class PrunedTensor:
+    """One prunable parameter: ``module.<name>`` of the module called ``module_name``."""
+
+    module_name: str
+    module: nn.Module
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.module_name}.{self.name}" if self.module_name else self.name
+
+    @property
+    def is_reparametrized(self) -> bool:
+        return prune.is_pruned(self.module) and hasattr(self.module, f"{self.name}_mask")
+
+    def leaf(self) -> nn.Parameter:
+        """The parameter the optimizer updates (``<name>_orig`` once reparametrized)."""
+        return getattr(self.module, f"{self.name}_orig" if self.is_reparametrized else self.name)
+
+    def mask(self) -> torch.Tensor:
+        """The keep-mask (1 kept, 0 pruned); all ones before reparametrization."""
+        return getattr(self.module, f"{self.name}_mask") if self.is_reparametrized else torch.ones_like(self.leaf())
+
+    def value(self) -> torch.Tensor:
+        """The effective (masked) values, detached."""
+        return (self.leaf() * self.mask()).detach()
+
+
+def prunable_tensors(
+    model: nn.Module, layers: Sequence[str] | None = None, parameter_names: Sequence[str] = ("weight",)
+) -> list[PrunedTensor]:
+    """The tensors to prune, in model order: ``parameter_names`` of the named ``layers`` (default:
+    every Linear and Conv2d module). Unknown or unsupported names are refused listing the allowed ones."""
+    for name in parameter_names:
+        check_choice("parameter_names", name, PARAMETER_NAMES)
+    candidates = [name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    for name in layers or ():
+        check_choice("layers", name, candidates)
+    chosen = candidates if layers is None else [name for name in candidates if name in layers]
+    tensors = []
+    for module_name in chosen:
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise UserInputError(f"layer {module_name!r}: grouped convolutions are not supported; choose among {candidates}")
+        tensors += [PrunedTensor(module_name, module, name) for name in parameter_names if getattr(module, name, None) is not None]
+    if not tensors:
+        raise UserInputError(f"nothing to prune: no {', '.join(parameter_names)} in layers {chosen}")
+    return tensors
+
+
+def reparametrize(tensors: Sequence[PrunedTensor]) -> None:
+    """Give every tensor a mask (all ones where it has none yet), so that the model's state_dict
+    keys (``<name>_orig``, ``<name>_mask``) are those of a pruned model from now on."""
+    for tensor in tensors:
+        if not tensor.is_reparametrized:
+            prune.custom_from_mask(tensor.module, tensor.name, torch.ones_like(tensor.leaf(), dtype=torch.bool))
+
+
+def channel_view(values: torch.Tensor, structured: bool) -> torch.Tensor:
+    """Units as rows: one row per output channel (dim 0) when structured, else one per entry."""
+    return values.reshape(values.shape[0], -1) if structured else values.reshape(-1, 1)
+
+
+def unit_scores(scores: torch.Tensor, values: torch.Tensor, structured: bool, norm: float | None) -> torch.Tensor:
+    """One score per unit: the entry's score; for output channels the summed score, or with
+    ``norm`` the channel's L_norm of ``values``."""
+    if not structured:
+        return scores.reshape(-1)
+    if norm is None:
+        return channel_view(scores, True).sum(dim=1)
+    return torch.linalg.vector_norm(channel_view(values, True), ord=norm, dim=1)
+
+
+def select_kept_units(scores: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
+    """New keep-flags (bool, one per unit) reaching ``sparsity`` (module docstring: counts, ties)."""
+    check_choice("scope", scope, SCOPES)
+    if scope == "layer":
+        return [select_kept_units([s], [k], sparsity, "global")[0] for s, k in zip(scores, kept)]
+    flat_scores = torch.cat([s.reshape(-1) for s in scores]).double()
+    flat_kept = torch.cat([k.reshape(-1) for k in kept])
+    if not torch.isfinite(flat_scores[flat_kept]).all():
+        raise FloatingPointError("pruning scores of unpruned units are not finite")
+    count = max(round(sparsity * flat_scores.numel()), int((~flat_kept).sum()))
+    order = torch.sort(flat_scores.masked_fill(~flat_kept, -torch.inf), stable=True).indices
+    new_kept = torch.ones_like(flat_kept)
+    new_kept[order[:count]] = False
+    return list(new_kept.split([k.numel() for k in kept]))
+
+
+def kept_units(tensor: PrunedTensor, structured: bool) -> torch.Tensor:
+    """Keep-flags per unit of the tensor's current mask (a channel is kept if any entry is)."""
+    return channel_view(tensor.mask(), structured).bool().any(dim=1)
+
+
+def apply_kept_units(tensor: PrunedTensor, kept: torch.Tensor, structured: bool) -> None:
+    """Write unit keep-flags into the tensor's mask, in place (reparametrizing it if needed)."""
+    reparametrize([tensor])
+    mask = tensor.mask()
+    mask.copy_(channel_view(mask, structured).mul(kept[:, None].to(mask.dtype)).reshape(mask.shape))
+
+
+def sparsity(tensors: Sequence[PrunedTensor]) -> tuple[float, dict[str, float]]:
+    """The fraction of pruned entries over all tensors, and per tensor (by key)."""
+    pruned = {t.key: int((t.mask() == 0).sum()) for t in tensors}
+    sizes = {t.key: t.mask().numel() for t in tensors}
+    return sum(pruned.values()) / sum(sizes.values()), {key: pruned[key] / sizes[key] for key in pruned}
+
+
+def make_permanent(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold every ``torch.nn.utils.prune`` mask of ``model`` into a plain parameter (pruned
+    entries zero) and return the model's state_dict, loadable into an unpruned copy."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model.state_dict()
+
+
+def snapshot(tensors: Sequence[PrunedTensor]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors' unmasked values (``<name>_orig``), for lottery-ticket rewinding."""
+    return {t.key: t.leaf().detach().clone() for t in tensors}
+
+
+def rewind(tensors: Sequence[PrunedTensor], saved: dict[str, torch.Tensor]) -> None:
+    """Reset every tensor's unmasked values to ``saved``: the survivors take their saved values,
+    the pruned entries stay zero through the mask."""
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.leaf().copy_(saved[tensor.key])

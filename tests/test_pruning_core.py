@@ -1,0 +1,279 @@
+"""The pruning core: exact counts, monotone masks, agreement with torch.nn.utils.prune, exact loss
+predictions where the loss models are exact, schedules, rewinding, masks under optimizers."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from callbacks.curvature import fisher
+from callbacks.pruning import (
+    CRITERIA,
+    apply_kept_units,
+    criterion_scores,
+    fisher_diagonals,
+    kept_units,
+    loss_gradient,
+    make_permanent,
+    mean_loss,
+    negative_log_likelihood,
+    predicted_loss_change,
+    prunable_tensors,
+    prune,
+    rewind,
+    select_kept_units,
+    snapshot,
+    target_sparsity,
+    unit_scores,
+)
+from framework.errors import UserInputError
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+def classification_data(inputs_shape: tuple[int, ...], batches: int = 3, seed: int = 1) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, *inputs_shape, generator=generator, dtype=torch.float64), torch.randint(0, 3, (8,), generator=generator))
+        for _ in range(batches)
+    ]
+
+
+def pruned_count(tensors) -> int:
+    return sum(int((t.mask() == 0).sum()) for t in tensors)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_reached_sparsity_is_the_rounded_target_and_masks_only_shrink(criterion, scope):
+    model, data = mlp(), classification_data((6,))
+    tensors = prunable_tensors(model)
+    sizes = [t.leaf().numel() for t in tensors]
+    previous = [torch.ones_like(t.leaf()) for t in tensors]
+    for target in (0.3, 0.55, 0.62, 0.9):
+        prune(model, tensors, data, target, criterion=criterion, scope=scope, allow_layer_collapse=True)
+        if scope == "global":
+            assert pruned_count(tensors) == round(target * sum(sizes))
+        else:
+            assert [int((t.mask() == 0).sum()) for t in tensors] == [round(target * n) for n in sizes]
+        masks = [t.mask().clone() for t in tensors]
+        assert all(((old == 0) <= (new == 0)).all() for old, new in zip(previous, masks)), "a pruned weight came back"
+        previous = masks
+        with torch.no_grad():  # training between steps moves the unmasked values anywhere
+            for t in tensors:
+                t.leaf().normal_(0, 10)
+
+
+@pytest.mark.parametrize(("criterion", "norm"), [("MP", 1), ("MP", 2), ("OBD", None)])
+def test_structured_pruning_removes_the_output_channels_ranked_lowest(criterion, norm):
+    model, data = conv_net(), classification_data((2, 4, 4))
+    tensors = prunable_tensors(model)
+    diagonals = fisher_diagonals(model, data, tensors) if criterion == "OBD" else [None, None]
+    expected = torch.cat(
+        [unit_scores(criterion_scores(criterion, t.value(), None, f), t.value(), True, norm) for t, f in zip(tensors, diagonals)]
+    )
+    prune(model, tensors, data, 0.3, criterion=criterion, structured=True, pruning_norm=norm)
+    channels = [t.mask().reshape(t.mask().shape[0], -1) for t in tensors]
+    assert all(((rows == 0).all(1) | (rows == 1).all(1)).all() for rows in channels)
+    kept = torch.cat([kept_units(t, structured=True) for t in tensors])
+    assert int((~kept).sum()) == round(0.3 * (4 + 3))
+    assert expected[~kept].max() <= expected[kept].min()
+
+
+def test_magnitude_global_mask_equals_torch_global_unstructured():
+    ours, reference = conv_net(), conv_net()
+    tensors = prunable_tensors(ours)
+    total = sum(t.leaf().numel() for t in tensors)
+    prune(ours, tensors, [], 0.7, criterion="MP")
+    pairs = [(m, "weight") for m in reference if isinstance(m, (nn.Linear, nn.Conv2d))]
+    torch_prune.global_unstructured(pairs, pruning_method=torch_prune.L1Unstructured, amount=round(0.7 * total))
+    for t, (module, _) in zip(tensors, pairs):
+        assert torch.equal(t.mask(), module.weight_mask)
+
+
+def test_ties_prune_the_lower_index_first():
+    scores = [torch.tensor([1.0, 0.5, 0.5]), torch.tensor([0.5, 2.0])]
+    kept = select_kept_units(scores, [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)], 0.4, "global")
+    assert [k.tolist() for k in kept] == [[True, False, False], [True, True]]
+
+
+def linear_regression(inputs: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[nn.Module, list]:
+    model = nn.Linear(inputs.shape[1], weight.shape[0], bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    return nn.Sequential(model), [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
+
+
+def test_obd_predicts_the_true_increase_at_the_minimum_of_a_diagonal_quadratic():
+    # Orthogonal inputs make the Hessian of the mean squared error diagonal; targets from the weights put it at its minimum.
+    inputs = torch.diag(torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64))
+    weight = torch.randn(2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model, data = linear_regression(inputs, weight, inputs @ weight.T)
+    loss = negative_log_likelihood("regression")
+    before = mean_loss(model, data, loss)
+    predicted = prune(model, prunable_tensors(model), data, 0.6, criterion="OBD", task="regression")
+    measured = mean_loss(model, data, loss) - before
+    assert predicted > 0.01
+    assert predicted == pytest.approx(measured, rel=1e-12)
+
+
+def test_quadratic_model_is_exact_for_single_weights_away_from_the_minimum():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(7, 4, generator=generator, dtype=torch.float64)
+    weight, targets = torch.randn(3, 4, generator=generator, dtype=torch.float64), torch.randn(7, 3, generator=generator, dtype=torch.float64)
+    model, data = linear_regression(inputs, weight, targets)
+    loss = negative_log_likelihood("regression")
+    (tensor,) = prunable_tensors(model)
+    gradient = loss_gradient(model, data, [tensor], loss)[0]
+    assert gradient.abs().max() > 0.1
+    predicted = predicted_loss_change("QM", tensor.value(), gradient, fisher_diagonals(model, data, [tensor], task="regression")[0])
+    before = mean_loss(model, data, loss)
+    for index in [(0, 0), (1, 2), (2, 3)]:
+        with torch.no_grad():
+            saved = tensor.leaf()[index].item()
+            tensor.leaf()[index] = 0.0
+            measured = mean_loss(model, data, loss) - before
+            tensor.leaf()[index] = saved
+        assert predicted[index].item() == pytest.approx(measured, rel=1e-10)
+
+
+def test_linear_model_is_exact_for_a_linear_loss():
+    model, data = mlp(), classification_data((6,))
+    weights = torch.randn(3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def linear_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs @ weights  # linear in the last layer's weight
+
+    tensors = prunable_tensors(model, layers=["4"])
+    gradient = loss_gradient(model, data, tensors, linear_loss)[0]
+    predicted = predicted_loss_change("LM", tensors[0].value(), gradient, None)
+    before = mean_loss(model, data, linear_loss)
+    scores = criterion_scores("LM", tensors[0].value(), gradient)
+    kept = select_kept_units([unit_scores(scores, tensors[0].value(), False, None)], [kept_units(tensors[0], False)], 0.5, "global")[0]
+    apply_kept_units(tensors[0], kept, structured=False)
+    measured = mean_loss(model, data, linear_loss) - before
+    assert predicted.reshape(-1)[~kept].sum().item() == pytest.approx(measured, rel=1e-10, abs=1e-14)
+    assert abs(measured) > 1e-3
+
+
+def test_fisher_diagonal_of_pruned_layers_matches_the_curvature_package():
+    model, data = conv_net(), classification_data((2, 4, 4))
+    reference = fisher(model, data, representation="diagonal", layers=["0", "3"])
+    tensors = prunable_tensors(model, parameter_names=("weight", "bias"))
+    prune(model, tensors, [], 0.0)  # reparametrized: the modules' parameters are now (bias, weight_orig)
+    ours = fisher_diagonals(model, data, tensors)
+    for t, diagonal in zip(tensors, ours):
+        flat = reference.blocks[t.module_name].diagonal
+        size = t.module.weight.numel()
+        assert torch.allclose(diagonal.reshape(-1), flat[:size] if t.name == "weight" else flat[size:])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "exponential", "cubic"])
+def test_schedules_end_exactly_at_the_target(schedule):
+    model = mlp()
+    tensors = prunable_tensors(model)
+    total = sum(t.leaf().numel() for t in tensors)
+    steps = 5
+    targets = [target_sparsity(schedule, 0.9, k, steps) for k in range(1, steps + 1)]
+    for target in targets:
+        prune(model, tensors, [], target)
+    assert targets[-1] == 0.9 and pruned_count(tensors) == round(0.9 * total)
+    assert targets == sorted(targets)
+    if schedule == "exponential":  # a constant fraction of the remaining weights per step
+        remaining = [1.0] + [1 - s for s in targets]
+        assert [b / a for a, b in zip(remaining, remaining[1:])] == pytest.approx([0.1 ** (1 / steps)] * steps)
+    if schedule == "cubic":
+        assert targets[0] == pytest.approx(0.9 * (1 - 0.8**3))
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_a_large_locality_penalty_ranks_every_criterion_like_magnitude(criterion):
+    generator = torch.Generator().manual_seed(0)
+    weight, gradient = torch.randn(50, generator=generator, dtype=torch.float64), torch.randn(50, generator=generator, dtype=torch.float64)
+    fisher_diagonal = torch.rand(50, generator=generator, dtype=torch.float64) * 10
+    magnitude_order = weight.abs().argsort()
+    penalised = criterion_scores(criterion, weight, gradient, fisher_diagonal, locality_penalty=1e8)
+    assert torch.equal(penalised.argsort(), magnitude_order)
+    if criterion in ("LM", "QM"):
+        assert not torch.equal(criterion_scores(criterion, weight, gradient, fisher_diagonal).argsort(), magnitude_order)
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: list) -> None:
+    for inputs, targets in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def test_rewound_survivors_equal_their_saved_values():
+    model, data = mlp(), classification_data((6,))
+    tensors = prunable_tensors(model)
+    prune(model, tensors, [], 0.0)
+    saved = snapshot(tensors)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.5), data)
+    prune(model, tensors, data, 0.6, criterion="LM")
+    rewind(tensors, saved)
+    for t in tensors:
+        kept = t.mask().bool()
+        assert torch.equal(t.value()[kept], saved[t.key][kept]) and (t.value()[~kept] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+        lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01),
+        lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum_wd", "adam_wd", "adamw"],
+)
+def test_pruned_weights_stay_exactly_zero_while_training(optimizer):
+    model, data = mlp(), classification_data((6,), batches=4)
+    tensors = prunable_tensors(model)
+    prune(model, tensors, [], 0.0)
+    opt = optimizer(model.parameters())
+    train_steps(model, opt, data)  # momentum and Adam moments are non-zero when the step prunes
+    prune(model, tensors, data, 0.5, criterion="QM")
+    train_steps(model, opt, data * 3)
+    model(data[0][0])
+    for t in tensors:
+        pruned = t.mask() == 0
+        assert (getattr(t.module, t.name)[pruned] == 0).all()
+        assert (t.leaf()[pruned] != 0).any(), "the optimizer did move the hidden values; only the mask keeps them out"
+
+
+def test_make_permanent_gives_a_state_dict_loadable_into_an_unpruned_model():
+    model, data = conv_net(), classification_data((2, 4, 4))
+    prune(model, prunable_tensors(model, parameter_names=("weight", "bias")), data, 0.5, criterion="OBD")
+    outputs = model(data[0][0])
+    state = make_permanent(model)
+    assert not any(key.endswith(("_orig", "_mask")) for key in state)
+    fresh = conv_net(seed=5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(data[0][0]), outputs)
+    zeros = sum(int((p == 0).sum()) for p in fresh.parameters())
+    assert zeros == round(0.5 * sum(p.numel() for p in fresh.parameters()))
+
+
+def test_bad_inputs_are_refused_naming_the_allowed_values():
+    model = mlp()
+    with pytest.raises(UserInputError, match=r"layers='9' is not allowed; choose one of \['0', '2', '4'\]"):
+        prunable_tensors(model, layers=["9"])
+    with pytest.raises(UserInputError, match=r"choose one of \['weight', 'bias'\]"):
+        prunable_tensors(model, parameter_names=["gamma"])
+    with pytest.raises(UserInputError, match=r"criterion='SNIP' is not allowed; choose one of \['MP', 'LM', 'QM', 'OBD'\]"):
+        criterion_scores("SNIP", torch.ones(3))
+    tensors = prunable_tensors(model, layers=["4"])
+    with pytest.raises(UserInputError, match=r"would prune all of \['4.weight'\].*allow_layer_collapse=True"):
+        prune(model, tensors, [], 0.97)
+    assert (tensors[0].mask() == 1).all(), "a refused step must not change the masks"
+    prune(model, tensors, [], 0.97, allow_layer_collapse=True)
+    assert (tensors[0].mask() == 0).all()
