@@ -261,8 +261,9 @@ def test_callback_logs_the_optimizers_measurements(tmp_path):
     with open(trainer.logger.experiment.metrics_file_path) as file:
         rows = list(csv.DictReader(file))
     logged = {(int(row["step"]), key) for row in rows for key, value in row.items() if key.startswith("ekfac/") and value}
-    per_step = ["ekfac/damping", "ekfac/kl_clip_factor", "ekfac/preconditioned_to_raw_norm", "ekfac/condition/backbone.layers.1"]
-    # eigen_every=3: eigendecompositions in steps 0 and 3, logged once each (after the step).
+    per_step = ["ekfac/damping", "ekfac/kl_clip_factor", "ekfac/preconditioned_to_raw_norm"]
+    per_step += ["ekfac/condition/backbone.layers.1", "ekfac/condition/backbone.layers.3"]
+    # Three steps (0, 1, 2, logged at global steps 1, 2, 3); eigen_every=3 decomposes in step 0 only.
     assert {(step, key) for step in (1, 2, 3) for key in per_step} | {(1, "ekfac/eigen_seconds")} == logged, logged
 
 

@@ -89,12 +89,12 @@ def test_sequence_task_masks_the_loss():
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[:, -1] = True
     task.log = lambda *args, **kwargs: None
-    loss = task._step((inputs, targets, mask), "train")
+    loss = task.shared_step((inputs, targets, mask), "train")
     torch.testing.assert_close(loss, F.cross_entropy(task(inputs)[:, -1], targets[:, -1]))
     regression = SequenceTask(PerStepLinear(3, 1), loss="mse")
     regression.log = task.log
     real_targets = torch.randn(2, 5)
-    loss = regression._step((inputs, real_targets, mask), "train")
+    loss = regression.shared_step((inputs, real_targets, mask), "train")
     torch.testing.assert_close(loss, F.mse_loss(regression(inputs)[:, -1, 0], real_targets[:, -1]))
 
 

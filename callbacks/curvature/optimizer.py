@@ -395,8 +395,8 @@ class FisherStatistics:
         self._output_hook = self.output_module.register_forward_hook(self._keep_output)
 
     def _keep_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # The first call to finish is the model's own forward: under DDP, Lightning runs
-        # training_step through the LightningModule's forward, which then returns the loss.
+        # Keep the first call to finish, the model's own forward: under DDP, Lightning runs the
+        # whole training_step through the LightningModule's forward, which then returns the loss.
         if self._outputs is None:
             self._outputs = output
 

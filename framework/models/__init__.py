@@ -1,7 +1,9 @@
 """Architectures: plain ``nn.Module``s, usable without Lightning. Tasks add loss and metrics."""
 
 from framework.models.cnn import SmallCNN
+from framework.models.dirac import DiracConv2d, DiracNet, PlainNet
 from framework.models.mlp import MLP
+from framework.models.patch_matching import PseudoSiameseNet, SiameseNet, TwoChannelNet, TwoChannelTwoStreamNet
 from framework.models.relational import ConcatMLP, ContextNorm, CoRelNet, RelationNetwork
 from framework.models.rnn_base import PlainLSTM, PlainRNN, RecurrentNetwork
 from framework.models.rnn_batchnorm import BNLSTM, BNRNN, StepwiseBatchNorm
@@ -15,16 +17,23 @@ __all__ = [
     "ConcatMLP",
     "ContextNorm",
     "CoRelNet",
+    "DiracConv2d",
+    "DiracNet",
     "MLP",
     "ModReLU",
     "NNRNN",
     "OrthogonalRNN",
     "PlainLSTM",
+    "PlainNet",
     "PlainRNN",
+    "PseudoSiameseNet",
     "RecurrentNetwork",
     "RelationNetwork",
     "RelevancyMemoryRNN",
+    "SiameseNet",
     "SmallCNN",
     "StepwiseBatchNorm",
+    "TwoChannelNet",
+    "TwoChannelTwoStreamNet",
     "WideResNet",
 ]

@@ -2,6 +2,7 @@
 
 from framework.tasks.base import Task
 from framework.tasks.classification import ClassificationTask
+from framework.tasks.patch_matching import PatchMatchingTask
 from framework.tasks.sequence import SequenceTask
 
-__all__ = ["ClassificationTask", "SequenceTask", "Task"]
+__all__ = ["ClassificationTask", "PatchMatchingTask", "SequenceTask", "Task"]

@@ -90,6 +90,20 @@ class Task(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def shared_step(self, batch: Any, split: str) -> torch.Tensor:
+        """The loss of one batch of ``split`` (``train``, ``val`` or ``test``), logging the
+        split's metrics; what each task defines."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.regularized(self.shared_step(batch, "train"))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
     def regularized(self, loss: torch.Tensor) -> torch.Tensor:
         """Add the backbone's own penalty (a ``regularization()`` method, e.g. nnRNN's alpha
         penalty and decay on T) to a training loss, logged as ``train/regularization``."""

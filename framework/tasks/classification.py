@@ -44,7 +44,7 @@ class ClassificationTask(Task):
         self.label_smoothing = label_smoothing
         self.accuracy = nn.ModuleDict({split: MulticlassAccuracy(num_classes, average="micro") for split in ("fit", "val", "test")})
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
         logits = self(inputs)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
@@ -54,15 +54,6 @@ class ClassificationTask(Task):
         self.log(f"{split}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True, sync_dist=not training)
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=not training)
         return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.regularized(self._step(batch, "train"))
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Class probabilities."""

@@ -90,7 +90,7 @@ class PatchMatchingTask(Task):
         self.fpr95 = nn.ModuleDict({split: FalsePositiveRateAtRecall() for split in ("fit", "val", "test")})
         self.accuracy = nn.ModuleDict({split: BinaryAccuracy() for split in ("fit", "val", "test")})
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         pairs, labels = batch
         scores = self(pairs)
         loss = hinge_loss(scores, labels, self.margin)
@@ -102,15 +102,6 @@ class PatchMatchingTask(Task):
         self.log(f"{split}/fpr95", self.fpr95[key], on_step=False, on_epoch=True, prog_bar=not training)
         self.log(f"{split}/acc", self.accuracy[key], on_step=False, on_epoch=True)
         return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Matching scores, positive for a match."""

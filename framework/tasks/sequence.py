@@ -44,7 +44,7 @@ class SequenceTask(Task):
         self.mean_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         self.accuracy = nn.ModuleDict({split: MeanMetric() for split in ("fit", "val", "test")})
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def shared_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets, mask = batch
         outputs = self(inputs)[mask]
         targets = targets[mask]
@@ -62,15 +62,6 @@ class SequenceTask(Task):
             self.mean_loss[split].update(loss.detach(), weight=targets.numel())
             self.log(f"{split}/loss", self.mean_loss[split], on_step=False, on_epoch=True, prog_bar=True)
         return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        return self.regularized(self._step(batch, "train"))
-
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self(batch[0])
