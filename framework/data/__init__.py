@@ -6,6 +6,7 @@ from framework.data.images import DigitsDataModule, ImageDataModule
 from framework.data.mnist import MNISTDataModule
 from framework.data.patches import BrownPatchesDataModule, DigitPairsDataModule
 from framework.data.relational import SameDifferentDataModule
+from framework.data.stroop import StroopDigitsDataModule
 from framework.data.sequences import AddingTaskDataModule, CopyTaskDataModule
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "MNISTDataModule",
     "SameDifferentDataModule",
     "SplitDataModule",
+    "StroopDigitsDataModule",
 ]

@@ -1,5 +1,6 @@
 """Architectures: plain ``nn.Module``s, usable without Lightning. Tasks add loss and metrics."""
 
+from framework.models.adaptive import ACTSteps, AdaptiveComputationTime, EarlyExitCNN, HaltingSteps, PonderNet, PonderSteps
 from framework.models.cnn import SmallCNN
 from framework.models.dirac import DiracConv2d, DiracNet, PlainNet
 from framework.models.mlp import MLP
@@ -12,6 +13,8 @@ from framework.models.rnn_nonnormal import NNRNN, ModReLU, OrthogonalRNN
 from framework.models.wrn import WideResNet
 
 __all__ = [
+    "ACTSteps",
+    "AdaptiveComputationTime",
     "BNLSTM",
     "BNRNN",
     "ConcatMLP",
@@ -19,6 +22,8 @@ __all__ = [
     "CoRelNet",
     "DiracConv2d",
     "DiracNet",
+    "EarlyExitCNN",
+    "HaltingSteps",
     "MLP",
     "ModReLU",
     "NNRNN",
@@ -26,6 +31,8 @@ __all__ = [
     "PlainLSTM",
     "PlainNet",
     "PlainRNN",
+    "PonderNet",
+    "PonderSteps",
     "PseudoSiameseNet",
     "RecurrentNetwork",
     "RelationNetwork",
