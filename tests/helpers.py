@@ -1,9 +1,13 @@
-"""Writers of tiny data files in exactly the standard formats (raw and gzip IDX, CIFAR
-protocol-2 pickles with bytes keys), shared by the tests of the readers and the data modules."""
+"""Shared test helpers: writers of tiny data files in exactly the standard formats (raw and
+gzip IDX, CIFAR protocol-2 pickles with bytes keys), and running ``python -m framework`` as a
+user would."""
 
 import gzip
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +88,17 @@ def assert_error(exc_info: pytest.ExceptionInfo, path: Path, *fragments: str) ->
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def run_framework(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m framework ...`` in ``cwd``, W&B offline, no progress bar; asserts success.
+
+    WANDB_SERVICE is not passed on: set by this process's own W&B runs, it would make the child
+    hand its run to this process's wandb-core, which writes the run file after the child exits.
+    """
+    inherited = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    command = [sys.executable, "-m", "framework", *args, "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -1,29 +1,18 @@
 """The command line end to end: the README's main job, exact resume, DDP, errors, config saving."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import write_mnist
+from helpers import run_framework, write_mnist
 
 from framework.cli import main
 from framework.wandb_offline import find_offline_runs, read_config, read_history, read_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``python -m framework ...`` in ``cwd``, W&B offline, as a user would run it."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    command = [sys.executable, "-m", "framework", *args, "--trainer.enable_progress_bar", "false"]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def only_run(cwd: Path) -> Path:
@@ -43,7 +32,7 @@ def values(history: list[dict], key: str) -> list[float]:
 
 @pytest.mark.slow
 def test_quickstart_reaches_90_percent_and_logs_to_wandb(tmp_path):
-    run_cli(tmp_path, "fit", "--config", str(QUICKSTART))
+    run_framework(tmp_path, "fit", "--config", str(QUICKSTART))
     run = only_run(tmp_path)
     history = read_history(run)
     assert values(history, "train/loss") and values(history, "val/acc")
@@ -62,11 +51,11 @@ def test_resumed_fit_is_bitwise_equal_and_continues_the_wandb_run(tmp_path):
     short = ("--trainer.max_epochs", "2", "--test_after_fit", "false")
     interrupted, uninterrupted = tmp_path / "interrupted", tmp_path / "uninterrupted"
     interrupted.mkdir(), uninterrupted.mkdir()
-    run_cli(interrupted, "fit", "--config", str(QUICKSTART), *short)
+    run_framework(interrupted, "fit", "--config", str(QUICKSTART), *short)
     directory = checkpoint_dir(interrupted)
     first_config = (directory / "config.yaml").read_text()
-    run_cli(interrupted, "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "4", "--test_after_fit", "false", "--ckpt_path", str(directory / "last.ckpt"))
-    run_cli(uninterrupted, "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "4", "--test_after_fit", "false")
+    run_framework(interrupted, "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "4", "--test_after_fit", "false", "--ckpt_path", str(directory / "last.ckpt"))
+    run_framework(uninterrupted, "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "4", "--test_after_fit", "false")
 
     resumed = torch.load(checkpoint_dir(interrupted) / "last.ckpt", weights_only=False)
     reference = torch.load(checkpoint_dir(uninterrupted) / "last.ckpt", weights_only=False)
@@ -88,7 +77,7 @@ def test_resumed_fit_is_bitwise_equal_and_continues_the_wandb_run(tmp_path):
 @pytest.mark.slow
 def test_fit_on_two_cpu_processes(tmp_path):
     ddp = REPO / "configs" / "trainer" / "ddp_cpu.yaml"
-    run_cli(tmp_path, "fit", "--config", str(QUICKSTART), "--trainer", str(ddp), "--trainer.max_epochs", "1", "--test_after_fit", "false")
+    run_framework(tmp_path, "fit", "--config", str(QUICKSTART), "--trainer", str(ddp), "--trainer.max_epochs", "1", "--test_after_fit", "false")
     history = read_history(only_run(tmp_path))
     assert values(history, "val/acc")
     # 1257 training images, batch 64 per process on 2 processes: 10 steps in the epoch.

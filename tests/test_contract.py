@@ -1,6 +1,5 @@
 """The contract harness passes a well-behaved stateful callback and catches broken ones."""
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback

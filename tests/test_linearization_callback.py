@@ -3,9 +3,6 @@ work on skipped steps, modes and gradients left alone, the W&B heatmap, bad opti
 callback contract (DDP, exact resume with evaluations before and after the resume epoch,
 accumulation and clipping, bf16)."""
 
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import run_framework
 
 from callbacks.linearization import (
     EmpiricalNTK,
@@ -233,11 +232,8 @@ def test_ntk_alignment_passes_the_callback_contract(check, tmp_path):
 
 
 def test_the_digits_experiment_runs_from_the_command_line_and_logs_the_alignment(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     shortened = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "1"]
-    command = [sys.executable, "-m", "framework", "fit", "--config", str(EXPERIMENT), *shortened, "--trainer.enable_progress_bar", "false"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_framework(tmp_path, "fit", "--config", str(EXPERIMENT), *shortened)
     (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
     rows = [row for row in read_history(run) if "ntk/alignment" in row]
     assert [row["trainer/global_step"] for row in rows] == [0, 5]

@@ -1,15 +1,14 @@
 """The recurrent model and copy-task experiment configs build the intended models for their
 data, and a copy-task experiment trains from the command line."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from jsonargparse import ArgumentParser
+
+from helpers import run_framework
 
 from framework.tasks import SequenceTask
 from framework.wandb_offline import find_offline_runs, read_history
@@ -54,12 +53,8 @@ def test_model_config_fits_its_data(path):
 
 @pytest.mark.slow
 def test_copy_experiment_trains_from_the_command_line(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     sizes = ["--data.init_args.train_size", "128", "--data.init_args.val_size", "64", "--data.init_args.test_size", "64"]
-    command = [sys.executable, "-m", "framework", "fit", "--config", str(CONFIGS / "experiment" / "copy_nnrnn.yaml"),
-               "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *sizes]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_framework(tmp_path, "fit", "--config", str(CONFIGS / "experiment" / "copy_nnrnn.yaml"), "--trainer.max_epochs", "1", *sizes)
     (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
     history = read_history(run)
     assert any("val/loss" in row for row in history)
