@@ -2,5 +2,18 @@
 
 import os
 
+import pytest
+
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+
+
+@pytest.fixture(autouse=True)
+def finish_wandb_run():
+    """Finish a W&B run a test left open: a later ``wandb.init`` would otherwise return that run
+    (wandb's default outside notebooks) and log into another test's directory."""
+    yield
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
