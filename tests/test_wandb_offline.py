@@ -31,8 +31,14 @@ def _offline(mp: pytest.MonkeyPatch) -> None:
 
 
 def _only_run(root: Path) -> Path:
+    """The one run file under ``root``, once wandb-core has stopped writing it: ``finish()`` can
+    return while the service still appends the last records (seen on a loaded machine)."""
     runs = find_offline_runs(root)
     assert len(runs) == 1, runs
+    size, deadline = -1, time.monotonic() + 30
+    while runs[0].stat().st_size != size and time.monotonic() < deadline:
+        size = runs[0].stat().st_size
+        time.sleep(0.5)
     return runs[0]
 
 
