@@ -42,7 +42,7 @@ class ClassificationTask(Task):
             raise UserInputError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.accuracy = nn.ModuleDict({split: MulticlassAccuracy(num_classes, average="micro") for split in ("fit", "val", "test")})
+        self.accuracy = nn.ModuleDict({split: MulticlassAccuracy(num_classes, average="micro", validate_args=False) for split in ("fit", "val", "test")})
 
     def shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
