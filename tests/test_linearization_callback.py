@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import run_framework
+from helpers import MemoryLogger, run_framework
 
 from callbacks.linearization import (
     EmpiricalNTK,
@@ -34,28 +34,6 @@ EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "n
 # The contract's digits have 20 training batches per epoch (10 steps with accumulation): every 7
 # steps evaluates in both epochs, so before and after the resume at the end of epoch 1.
 SMALL_PROBE = partial(NTKAlignment, probe_size=32, schedule="every_k", every_k=7)
-
-
-class MemoryLogger(Logger):
-    """Keeps every (step, metrics) it is given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 class DirectKernel(Callback):

@@ -7,7 +7,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
+
+from helpers import MemoryLogger
 
 from callbacks.pruning import Pruning
 from framework.errors import UserInputError
@@ -25,28 +27,6 @@ ITERATIVE_QM = partial(
 @pytest.mark.parametrize("check", CHECKS)
 def test_pruning_passes_the_callback_contract(check, tmp_path):
     CallbackContract(ITERATIVE_QM, max_epochs=3, resume_epoch=2).check(check, tmp_path)
-
-
-class MemoryLogger(Logger):
-    """Keeps every (step, metrics) it is given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 def fit(callback: Pruning, tmp_path, max_epochs: int = 3) -> tuple[L.Trainer, L.LightningModule, MemoryLogger]:
