@@ -21,7 +21,6 @@ functions or classes, or ``functools.partial`` of them, because ``ddp_spawn`` pi
 """
 
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Number
@@ -213,7 +212,6 @@ class CallbackContract:
         L.seed_everything(self.seed, verbose=False)
         callback = self.callback_factory()
         recorder = _Recorder(type(callback), directory / "records", tuple(self.ignore_attributes))
-        os.environ.setdefault("WANDB_MODE", "offline")
         logger = WandbLogger(save_dir=str(directory), offline=True, project="contract") if self.wandb else False
         settings = dict(
             accelerator="cpu",
