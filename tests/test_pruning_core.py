@@ -6,12 +6,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from callbacks.curvature import fisher
+from callbacks.curvature import EKFACOptimizer, FisherStatistics, fisher
 from callbacks.pruning import (
     CRITERIA,
     apply_kept_units,
     criterion_scores,
     fisher_diagonals,
+    keep_pruned_at_zero,
     kept_units,
     loss_gradient,
     make_permanent,
@@ -168,7 +169,7 @@ def test_fisher_diagonal_of_pruned_layers_matches_the_curvature_package():
     model, data = conv_net(), classification_data((2, 4, 4))
     reference = fisher(model, data, representation="diagonal", layers=["0", "3"])
     tensors = prunable_tensors(model, parameter_names=("weight", "bias"))
-    prune(model, tensors, [], 0.0)  # reparametrized: the modules' parameters are now (bias, weight_orig)
+    prune(model, tensors, [], 0.0)  # masks added
     ours = fisher_diagonals(model, data, tensors)
     for t, diagonal in zip(tensors, ours):
         flat = reference.blocks[t.module_name].diagonal
@@ -206,10 +207,15 @@ def test_a_large_locality_penalty_ranks_every_criterion_like_magnitude(criterion
         assert not torch.equal(criterion_scores(criterion, weight, gradient, fisher_diagonal).argsort(), magnitude_order)
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: list) -> None:
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: list, statistics: FisherStatistics | None = None) -> None:
     for inputs, targets in data:
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs), targets).backward()
+        if statistics is None:
+            outputs = model(inputs)
+        else:
+            with statistics.record(targets):
+                outputs = model(inputs)
+        nn.functional.cross_entropy(outputs, targets).backward()
         optimizer.step()
 
 
@@ -226,28 +232,52 @@ def test_rewound_survivors_equal_their_saved_values():
         assert torch.equal(t.value()[kept], saved[t.key][kept]) and (t.value()[~kept] == 0).all()
 
 
+def ekfac(model: nn.Module) -> tuple[torch.optim.Optimizer, FisherStatistics]:
+    optimizer = EKFACOptimizer(model.parameters(), lr=0.05, damping=0.1, weight_decay=0.01, eigen_every=1)
+    return optimizer, FisherStatistics(model, optimizer, fisher_type="empirical")
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
-        lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01),
-        lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+        lambda m: (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01), None),
+        lambda m: (torch.optim.Adam(m.parameters(), lr=0.05, weight_decay=0.01), None),
+        lambda m: (torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1), None),
+        ekfac,
     ],
-    ids=["sgd_momentum_wd", "adam_wd", "adamw"],
+    ids=["sgd_momentum_wd", "adam_wd", "adamw", "ekfac"],
 )
 def test_pruned_weights_stay_exactly_zero_while_training(optimizer):
     model, data = mlp(), classification_data((6,), batches=4)
     tensors = prunable_tensors(model)
     prune(model, tensors, [], 0.0)
-    opt = optimizer(model.parameters())
-    train_steps(model, opt, data)  # momentum and Adam moments are non-zero when the step prunes
+    opt, statistics = optimizer(model)
+    hooks = keep_pruned_at_zero(opt, tensors)
+    train_steps(model, opt, data, statistics)  # momentum and Adam moments are non-zero when the step prunes
     prune(model, tensors, data, 0.5, criterion="QM")
-    train_steps(model, opt, data * 3)
-    model(data[0][0])
+    train_steps(model, opt, data * 3, statistics)
     for t in tensors:
-        pruned = t.mask() == 0
-        assert (getattr(t.module, t.name)[pruned] == 0).all()
-        assert (t.leaf()[pruned] != 0).any(), "the optimizer did move the hidden values; only the mask keeps them out"
+        assert (t.leaf()[t.mask() == 0] == 0).all()
+    for hook in hooks:
+        hook.remove()
+    train_steps(model, opt, data[:1], statistics)
+    assert any((t.leaf()[t.mask() == 0] != 0).any() for t in tensors), "without the hooks the optimizer moves pruned weights"
+
+
+def test_the_optimizer_only_sees_masked_gradients():
+    # A preconditioner that mixes coordinates would carry a pruned weight's gradient into the others.
+    model, data = mlp(), classification_data((6,))
+    tensors = prunable_tensors(model)
+    prune(model, tensors, data, 0.5, criterion="LM")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    keep_pruned_at_zero(optimizer, tensors)
+    optimizer.register_step_pre_hook(lambda *_: seen.extend(t.leaf().grad.clone() for t in tensors))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    assert any((t.leaf().grad[t.mask() == 0] != 0).any() for t in tensors), "pruned weights do get a gradient"
+    optimizer.step()
+    assert all((g[t.mask() == 0] == 0).all() and (g[t.mask() == 1] != 0).any() for g, t in zip(seen, tensors))
 
 
 def test_make_permanent_gives_a_state_dict_loadable_into_an_unpruned_model():
@@ -255,7 +285,7 @@ def test_make_permanent_gives_a_state_dict_loadable_into_an_unpruned_model():
     prune(model, prunable_tensors(model, parameter_names=("weight", "bias")), data, 0.5, criterion="OBD")
     outputs = model(data[0][0])
     state = make_permanent(model)
-    assert not any(key.endswith(("_orig", "_mask")) for key in state)
+    assert not any(key.endswith("_mask") for key in state)
     fresh = conv_net(seed=5)
     fresh.load_state_dict(state)
     assert torch.equal(fresh(data[0][0]), outputs)

@@ -16,21 +16,24 @@ from callbacks.pruning.masks import (
     PARAMETER_NAMES,
     SCOPES,
     PrunedTensor,
+    add_masks,
+    keep_pruned_at_zero,
     make_permanent,
+    mask_gradients,
     prunable_tensors,
-    reparametrize,
     rewind,
     snapshot,
     sparsity,
 )
-from callbacks.pruning.schedules import SCHEDULES, step_epochs, target_sparsity
+from callbacks.pruning.schedules import SCHEDULES, step_epochs, step_global_steps, target_sparsity
 from callbacks.pruning.scores import CRITERIA, accuracy, mean_loss, negative_log_likelihood
 from callbacks.pruning.step import prune
 from framework.errors import UserInputError, check_choice, check_positive
 
 
 class Pruning(Callback):
-    """Prunes Linear and Conv2d weights at the start of scheduled epochs, with fine-tuning in between.
+    """Prunes Linear and Conv2d weights at the start of scheduled epochs or before scheduled
+    optimizer steps, with fine-tuning in between.
 
     A superset of Lightning's ModelPruning (``amount``, ``parameter_names``, global or per-layer,
     structured by L_n norm, lottery-ticket rewinding) with loss-model criteria and state that
@@ -47,7 +50,14 @@ class Pruning(Callback):
         start_epoch: epoch at whose start the first step happens.
         end_epoch: epoch of the last step (default ``start_epoch + steps - 1``); steps are spread
             evenly in between and training fine-tunes between them and after the last.
-        fine_tune: False puts all steps at ``start_epoch``, back to back (scores recomputed each step).
+        fine_tune: False puts all steps at ``start_epoch`` (or ``start_step``), back to back
+            (scores recomputed each step).
+        start_step, every_n_steps, at_steps: schedule the steps in optimizer steps instead of
+            epochs (any of them set): step k happens before the optimizer step ``start_step + k *
+            every_n_steps`` (k = 0..steps-1), or before ``at_steps[k]``; "before global step s" is
+            at the first batch of the accumulation window whose optimizer step makes
+            ``trainer.global_step`` s + 1, so with gradient accumulation a step never splits a
+            window. Leave ``start_epoch``/``end_epoch`` unset then.
         scope: ``global`` (one ranking over all tensors) or ``layer`` (each tensor reaches the target).
         structured: prune whole output channels (neurons) instead of single weights.
         pruning_norm: with ``structured``, rank channels by this L_n norm of their weights; None
@@ -60,15 +70,21 @@ class Pruning(Callback):
         fisher_samples: targets drawn per example for ``mc``.
         task: the loss of the scores: ``classification`` (cross-entropy) or ``regression``.
         score_batches: size of the evaluation set in training batches.
-        rewind_to: epoch (<= ``start_epoch``) whose starting weights the survivors are reset to
-            after every step (lottery ticket; 0 is the initialisation); None does not rewind.
+        rewind_to: epoch (global step for a step schedule), at most the first step's, whose
+            starting weights the survivors are reset to after every step (lottery ticket; 0 is the
+            initialisation); None does not rewind.
         allow_layer_collapse: allow a step to prune every unit of a tensor (refused by default).
         seed: seeds the MC Fisher's target sampling (step k uses ``seed + k``).
+        evaluate: measure loss and accuracy on the evaluation set just before and after every step
+            and after training (two forward passes over it per step); False logs sparsity (and
+            the predicted loss change) only, and MP then reads no data at all.
 
-    Masks live in the model (``weight_orig``/``weight_mask``, reparametrized in ``setup`` so that
-    checkpoints always have these keys and load before any step); the callback's state is the
-    number of steps done and the rewind weights. At ``teardown`` the masks are folded into plain
-    weights, so the model handed back is an ordinary module.
+    Masks live in the model (buffers ``weight_mask``, added in ``setup`` so that checkpoints
+    always have these keys and load before any step); the optimizers are hooked in
+    ``on_fit_start`` (:func:`callbacks.pruning.keep_pruned_at_zero`) and gradients masked in
+    ``on_before_optimizer_step``, before Lightning clips them. The callback's state is the number
+    of steps done and the rewind weights. At ``teardown`` the masks are folded into the weights
+    and removed, so the model handed back is an ordinary module.
     """
 
     def __init__(
@@ -80,6 +96,9 @@ class Pruning(Callback):
         start_epoch: int = 0,
         end_epoch: int | None = None,
         fine_tune: bool = True,
+        start_step: int | None = None,
+        every_n_steps: int | None = None,
+        at_steps: Sequence[int] | None = None,
         scope: str = "global",
         structured: bool = False,
         pruning_norm: float | None = None,
@@ -93,6 +112,7 @@ class Pruning(Callback):
         rewind_to: int | None = None,
         allow_layer_collapse: bool = False,
         seed: int = 0,
+        evaluate: bool = True,
     ) -> None:
         if not 0.0 <= amount < 1.0:
             raise UserInputError(f"amount={amount!r} must be in [0, 1) (the final fraction of prunable weights pruned)")
@@ -116,13 +136,19 @@ class Pruning(Callback):
             raise UserInputError("pruning_norm ranks output channels: set structured=True or leave pruning_norm unset")
         if pruning_norm is not None:
             check_positive("pruning_norm", pruning_norm)
-        if rewind_to is not None and not 0 <= rewind_to <= start_epoch:
-            raise UserInputError(f"rewind_to={rewind_to} must be an epoch between 0 and start_epoch={start_epoch}")
+        self.interval = "epoch" if start_step is None and every_n_steps is None and at_steps is None else "step"
+        if self.interval == "step":
+            if start_epoch != 0 or end_epoch is not None:
+                raise UserInputError("start_step/every_n_steps/at_steps schedule in optimizer steps: leave start_epoch and end_epoch unset")
+            self.positions = step_global_steps(steps, start_step, every_n_steps, at_steps, fine_tune)
+        else:
+            self.positions = step_epochs(steps, start_epoch, end_epoch, fine_tune)
+        if rewind_to is not None and not 0 <= rewind_to <= self.positions[0]:
+            raise UserInputError(f"rewind_to={rewind_to} must be between 0 and the first pruning step's {self.interval}, {self.positions[0]}")
         self.amount = amount
         self.criterion = criterion
         self.schedule = schedule
         self.steps = steps
-        self.epochs = step_epochs(steps, start_epoch, end_epoch, fine_tune)
         self.scope = scope
         self.structured = structured
         self.pruning_norm = pruning_norm
@@ -136,9 +162,11 @@ class Pruning(Callback):
         self.rewind_to = rewind_to
         self.allow_layer_collapse = allow_layer_collapse
         self.seed = seed
+        self.evaluate = evaluate
         self.steps_done = 0
         self.rewind_weights: dict[str, torch.Tensor] | None = None
         self._tensors: list[PrunedTensor] = []
+        self._hooks: list = []
         self._evaluation_set: list | None = None
 
     @property
@@ -155,20 +183,40 @@ class Pruning(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before any checkpoint is loaded: the model's keys must already be those of a pruned model.
         self._tensors = prunable_tensors(pl_module, self.layers, self.parameter_names)
-        reparametrize(self._tensors)
+        add_masks(self._tensors)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hooks = [handle for optimizer in trainer.optimizers for handle in keep_pruned_at_zero(optimizer, self._tensors)]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls step(closure): the step's pre-hook runs before the closure's backward, this after it.
+        mask_gradients(self._tensors)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         make_permanent(pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.rewind_to == epoch and self.rewind_weights is None:
+        if self.interval == "epoch":
+            self._advance(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # global_step only changes after the last batch of an accumulation window, so the first batch
+        # that sees a step due starts a window: a pruning step never splits one.
+        if self.interval == "step":
+            self._advance(trainer, pl_module, trainer.global_step)
+
+    def _advance(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> None:
+        """Snapshot the rewind weights and run every step due at ``position`` (epoch or global step)."""
+        if self.rewind_to == position and self.rewind_weights is None:
             self.rewind_weights = snapshot(self._tensors)
-        while self.steps_done < self.steps and self.epochs[self.steps_done] <= epoch:
+        while self.steps_done < self.steps and self.positions[self.steps_done] <= position:
             self.prune_step(trainer, pl_module, self.steps_done + 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.steps_done:
+        if self.steps_done and self.evaluate:
             self._log(trainer, self._measure("fine_tuned", trainer, pl_module))
 
     def prune_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -178,7 +226,7 @@ class Pruning(Callback):
         predicted = prune(
             pl_module,
             self._tensors,
-            self._evaluation_batches(trainer, pl_module),
+            [] if self.criterion == "MP" else self._evaluation_batches(trainer, pl_module),
             target,
             criterion=self.criterion,
             scope=self.scope,
@@ -192,7 +240,8 @@ class Pruning(Callback):
             allow_layer_collapse=self.allow_layer_collapse,
         )
         metrics.update(self._measure("after", trainer, pl_module))
-        metrics["pruning/measured_loss_change"] = metrics["pruning/loss_after"] - metrics["pruning/loss_before"]
+        if self.evaluate:
+            metrics["pruning/measured_loss_change"] = metrics["pruning/loss_after"] - metrics["pruning/loss_before"]
         if predicted is not None:
             metrics["pruning/predicted_loss_change"] = predicted
         if self.rewind_weights is not None:
@@ -203,12 +252,17 @@ class Pruning(Callback):
     def _evaluation_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list:
         if self._evaluation_set is None:
             loader = trainer.train_dataloader
-            ordered = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+            # Its own generator: creating the iterator draws a seed, which must not move the global RNG mid-run.
+            ordered = DataLoader(
+                loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn, generator=torch.Generator()
+            )
             self._evaluation_set = list(itertools.islice(ordered, self.score_batches))
         return move_data_to_device(self._evaluation_set, pl_module.device)
 
     def _measure(self, when: str, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """``pruning/loss_<when>`` (and ``pruning/accuracy_<when>`` for classification) on the evaluation set."""
+        """``pruning/loss_<when>`` (and ``pruning/accuracy_<when>`` for classification) on the evaluation set; nothing without ``evaluate``."""
+        if not self.evaluate:
+            return {}
         data = self._evaluation_batches(trainer, pl_module)
         metrics = {f"pruning/loss_{when}": mean_loss(pl_module, data, negative_log_likelihood(self.task))}
         if self.task == "classification":

@@ -1,10 +1,15 @@
 """Which tensors are pruned, how their masks are chosen, applied, made permanent and rewound.
 
-Masks live in the model through ``torch.nn.utils.prune``: a pruned ``weight`` becomes the
-parameter ``weight_orig`` and the buffer ``weight_mask``, and ``weight = weight_orig * weight_mask``
-is recomputed before every forward. Pruned weights are therefore exactly zero whatever the
-optimizer does to ``weight_orig`` (momentum, Adam, weight decay), and the mask is part of the
-model's ``state_dict``.
+Masks live in the model as buffers ``<name>_mask`` (1 kept, 0 pruned) beside the unchanged
+parameter ``<name>``, so they are part of the model's ``state_dict``; a pruned entry of the
+parameter is set to zero when it is pruned. Nothing runs per forward pass (unlike
+``torch.nn.utils.prune``, which recomputes ``weight = weight_orig * weight_mask`` before every
+forward and differentiates through the product): :func:`keep_pruned_at_zero` hooks the optimizer
+instead, masking the gradients before each ``step`` and zeroing the pruned entries after it, so
+pruned weights are exactly zero at every forward whatever the optimizer does (momentum, Adam,
+weight decay, preconditioners that mix coordinates: they only ever see masked gradients). With a
+closure-based ``step`` (Lightning) or gradient clipping, call :func:`mask_gradients` after the
+backward pass and before clipping; the :class:`~callbacks.pruning.Pruning` callback does.
 
 **Amount.** A target sparsity ``s`` is a fraction of *all* prunable units of the scope (weights,
 or output channels when structured), not of the remaining ones as in ``torch.nn.utils.prune``:
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.utils.hooks import RemovableHandle
 
 from framework.errors import UserInputError, check_choice
 
@@ -43,16 +48,16 @@ class PrunedTensor:
         return f"{self.module_name}.{self.name}" if self.module_name else self.name
 
     @property
-    def is_reparametrized(self) -> bool:
-        return prune.is_pruned(self.module) and hasattr(self.module, f"{self.name}_mask")
+    def has_mask(self) -> bool:
+        return hasattr(self.module, f"{self.name}_mask")
 
     def leaf(self) -> nn.Parameter:
-        """The parameter the optimizer updates (``<name>_orig`` once reparametrized)."""
-        return getattr(self.module, f"{self.name}_orig" if self.is_reparametrized else self.name)
+        """The parameter the optimizer updates."""
+        return getattr(self.module, self.name)
 
     def mask(self) -> torch.Tensor:
-        """The keep-mask (1 kept, 0 pruned); all ones before reparametrization."""
-        return getattr(self.module, f"{self.name}_mask") if self.is_reparametrized else torch.ones_like(self.leaf())
+        """The keep-mask (1 kept, 0 pruned); all ones before :func:`add_masks`."""
+        return getattr(self.module, f"{self.name}_mask") if self.has_mask else torch.ones_like(self.leaf())
 
     def value(self) -> torch.Tensor:
         """The effective (masked) values, detached."""
@@ -81,12 +86,39 @@ def prunable_tensors(
     return tensors
 
 
-def reparametrize(tensors: Sequence[PrunedTensor]) -> None:
-    """Give every tensor a mask (all ones where it has none yet), so that the model's state_dict
-    keys (``<name>_orig``, ``<name>_mask``) are those of a pruned model from now on."""
+def add_masks(tensors: Sequence[PrunedTensor]) -> None:
+    """Give every tensor a mask buffer (all ones where it has none yet), so that the model's
+    state_dict keys (``<name>_mask`` beside ``<name>``) are those of a pruned model from now on."""
     for tensor in tensors:
-        if not tensor.is_reparametrized:
-            prune.custom_from_mask(tensor.module, tensor.name, torch.ones_like(tensor.leaf(), dtype=torch.bool))
+        if not tensor.has_mask:
+            tensor.module.register_buffer(f"{tensor.name}_mask", torch.ones_like(tensor.leaf(), requires_grad=False))
+            tensor.module._pruned_names = (*getattr(tensor.module, "_pruned_names", ()), tensor.name)
+
+
+def mask_gradients(tensors: Sequence[PrunedTensor]) -> None:
+    """Zero the gradients of pruned entries, in place (before clipping and the optimizer step)."""
+    with torch.no_grad():
+        for tensor in tensors:
+            if tensor.has_mask and tensor.leaf().grad is not None:
+                tensor.leaf().grad.mul_(tensor.mask())
+
+
+def zero_pruned(tensors: Sequence[PrunedTensor]) -> None:
+    """Set the pruned entries of every parameter to exactly zero, in place."""
+    with torch.no_grad():
+        for tensor in tensors:
+            if tensor.has_mask:
+                tensor.leaf().mul_(tensor.mask())
+
+
+def keep_pruned_at_zero(optimizer: torch.optim.Optimizer, tensors: Sequence[PrunedTensor]) -> list[RemovableHandle]:
+    """Hook ``optimizer`` so that it sees masked gradients and leaves pruned weights at zero: one
+    multiplication per tensor before and after each ``step`` (not per forward). Returns the hook
+    handles (``.remove()`` them to detach)."""
+    return [
+        optimizer.register_step_pre_hook(lambda *_: mask_gradients(tensors)),
+        optimizer.register_step_post_hook(lambda *_: zero_pruned(tensors)),
+    ]
 
 
 def channel_view(values: torch.Tensor, structured: bool) -> torch.Tensor:
@@ -126,10 +158,11 @@ def kept_units(tensor: PrunedTensor, structured: bool) -> torch.Tensor:
 
 
 def apply_kept_units(tensor: PrunedTensor, kept: torch.Tensor, structured: bool) -> None:
-    """Write unit keep-flags into the tensor's mask, in place (reparametrizing it if needed)."""
-    reparametrize([tensor])
+    """Write unit keep-flags into the tensor's mask, in place (adding it if needed), and zero the pruned entries."""
+    add_masks([tensor])
     mask = tensor.mask()
     mask.copy_(channel_view(mask, structured).mul(kept[:, None].to(mask.dtype)).reshape(mask.shape))
+    zero_pruned([tensor])
 
 
 def sparsity(tensors: Sequence[PrunedTensor]) -> tuple[float, dict[str, float]]:
@@ -140,23 +173,27 @@ def sparsity(tensors: Sequence[PrunedTensor]) -> tuple[float, dict[str, float]]:
 
 
 def make_permanent(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Fold every ``torch.nn.utils.prune`` mask of ``model`` into a plain parameter (pruned
-    entries zero) and return the model's state_dict, loadable into an unpruned copy."""
+    """Fold every mask of ``model`` (from :func:`add_masks`) into its parameter (pruned entries
+    zero), remove the mask buffers and return the model's state_dict, loadable into an unpruned copy."""
     for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+        names = getattr(module, "_pruned_names", ())
+        with torch.no_grad():
+            for name in names:
+                getattr(module, name).mul_(getattr(module, f"{name}_mask"))
+                delattr(module, f"{name}_mask")
+        if names:
+            del module._pruned_names
     return model.state_dict()
 
 
 def snapshot(tensors: Sequence[PrunedTensor]) -> dict[str, torch.Tensor]:
-    """Copies of the tensors' unmasked values (``<name>_orig``), for lottery-ticket rewinding."""
+    """Copies of the tensors' values, for lottery-ticket rewinding."""
     return {t.key: t.leaf().detach().clone() for t in tensors}
 
 
 def rewind(tensors: Sequence[PrunedTensor], saved: dict[str, torch.Tensor]) -> None:
-    """Reset every tensor's unmasked values to ``saved``: the survivors take their saved values,
-    the pruned entries stay zero through the mask."""
+    """Reset every tensor to ``saved``: the survivors take their saved values, the pruned entries stay zero."""
     with torch.no_grad():
         for tensor in tensors:
             tensor.leaf().copy_(saved[tensor.key])
+    zero_pruned(tensors)

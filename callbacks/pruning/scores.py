@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.curvature import FISHER_TYPES, TASKS, fisher
+from callbacks.curvature import FISHER_TYPES, TASKS, PVector, fisher
 from callbacks.pruning.masks import PrunedTensor
 from framework.errors import check_choice
 
@@ -91,7 +91,6 @@ def loss_gradient(model: nn.Module, data: Iterable, tensors: Sequence[PrunedTens
             gradients = torch.autograd.grad(loss(model(inputs), targets).sum(), leaves, allow_unused=True)
             sums = [s if g is None else s + g for s, g in zip(sums, gradients)]
             count += inputs.shape[0]
-    # d(orig * mask)/d(orig) is the mask: on unpruned entries this is the gradient of the values.
     return [s.detach() / count for s in sums]
 
 
@@ -104,23 +103,17 @@ def fisher_diagonals(
     samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
-    """F_ii for each tensor, from :func:`callbacks.curvature.fisher` (diagonal representation), in eval mode.
-
-    A layer's flat diagonal is in the curvature layout (weight row-major, then bias), whatever
-    the order of the module's parameters, which pruning changes."""
+    """F_ii for each tensor, from :func:`callbacks.curvature.fisher` (diagonal representation),
+    in eval mode: the representation applied to a vector of ones, shaped like the parameters."""
     check_choice("fisher_type", fisher_type, FISHER_TYPES)
     layers = list(dict.fromkeys(t.module_name for t in tensors))
     with _EvalMode(model):
         diagonal = fisher(
             model, data, representation="diagonal", fisher_type=fisher_type, task=task, samples=samples, generator=generator, layers=layers
         )
-    diagonals = []
-    for tensor in tensors:
-        flat = diagonal.blocks[tensor.module_name].diagonal
-        weight_size = tensor.module.weight.numel()
-        part = flat[:weight_size] if tensor.name == "weight" else flat[weight_size:]
-        diagonals.append(part.reshape(tensor.leaf().shape))
-    return diagonals
+    ones = PVector.from_flat(diagonal.layout, torch.ones(diagonal.layout.size, dtype=tensors[0].leaf().dtype, device=tensors[0].leaf().device))
+    by_name = diagonal.mv(ones).to_parameters()
+    return [by_name[f"{t.module_name}.{t.name}" if t.module_name else t.name] for t in tensors]
 
 
 def predicted_loss_change(
