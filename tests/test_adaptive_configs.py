@@ -1,5 +1,6 @@
-"""The Stroop data config and the adaptive model configs build what they say, and each model
-trains and tests under ClassificationTask unchanged on Stroop digits."""
+"""The Stroop data config and the adaptive model configs build what they say, each model
+trains and tests under ClassificationTask unchanged on Stroop digits, and an adaptive experiment
+with the cost-of-effort callback runs from the CLI."""
 
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from jsonargparse import ArgumentParser
 
 from framework.data.stroop import StroopDigitsDataModule
-from framework.models.adaptive import AdaptiveComputationTime, EarlyExitCNN, PonderNet
+from helpers import run_framework
+
+from framework.models.adaptive import AdaptiveComputationTime, EarlyExitCNN, HabitualControlledNet, PonderNet
 from framework.tasks import ClassificationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -17,7 +20,9 @@ MODEL_CONFIGS = {
     "ponder_stroop.yaml": PonderNet,
     "adaptive_act_stroop.yaml": AdaptiveComputationTime,
     "early_exit_stroop.yaml": EarlyExitCNN,
+    "habitual_controlled_stroop.yaml": HabitualControlledNet,
 }
+EXPERIMENTS = sorted((CONFIGS / "experiment").glob("adaptive_*_stroop.yaml"))
 
 
 def build(path: Path, base: type) -> object:
@@ -48,3 +53,23 @@ def test_model_config_trains_on_stroop_digits(name, tmp_path):
     (results,) = trainer.test(task, datamodule=data, verbose=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters()))
     assert 0.0 <= results["test/acc"] <= 1.0 and torch.isfinite(torch.tensor(results["test/loss"]))
+
+
+def test_every_model_has_an_effort_experiment():
+    assert {path.name.removeprefix("adaptive_").removesuffix("_stroop.yaml") for path in EXPERIMENTS} == {
+        "ponder", "act", "early_exit", "habitual_controlled",
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_effort_experiment_runs_from_the_cli(tmp_path):
+    config = CONFIGS / "experiment" / "adaptive_habitual_controlled_stroop.yaml"
+    result = run_framework(
+        tmp_path, "fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--trainer.log_every_n_steps", "1",
+    )  # fmt: skip
+    from framework.wandb_offline import read_history
+
+    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    keys = {key for row in read_history(run) for key in row}
+    assert {"effort/lambda", "effort/mean_steps", "effort/flops", "effort/val/inference_steps/incongruent", "effort/test/accuracy"} <= keys, result.stderr[-2000:]

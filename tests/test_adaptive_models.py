@@ -1,6 +1,8 @@
-"""PonderNet, ACT and the early-exit CNN: the generic architecture check, halting distributions
-that sum to 1, the KL to the geometric prior against its closed form, ACT's ponder cost N + R by
-hand, and early-exit inference that matches the training-time exits while running fewer stages."""
+"""PonderNet, ACT, the early-exit CNN and the habitual/controlled network: the generic
+architecture check, halting distributions that sum to 1, the KL to the geometric prior against
+its closed form, ACT's ponder cost N + R by hand, the compute interface (expected steps and FLOPs
+against hand counts and FlopCounterMode), and adaptive inference that gives exactly the
+training-time outputs at each input's exit while running fewer steps."""
 
 import math
 
@@ -9,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from framework.errors import UserInputError
+from torch.utils.flop_counter import FlopCounterMode
+
+from callbacks.distillation import kd_loss
 from framework.models.adaptive import (
     AdaptiveComputationTime,
     EarlyExitCNN,
+    HabitualControlledNet,
     PonderNet,
     act_halting,
     geometric_prior,
@@ -25,12 +31,17 @@ MODELS = {
     "pondernet": lambda: PonderNet(3 * 8 * 8, 10, hidden=16, max_steps=5, prior_halt=0.3),
     "act": lambda: AdaptiveComputationTime(3 * 8 * 8, 10, hidden=16, max_steps=5, eps=0.01),
     "early_exit": lambda: EarlyExitCNN(3, 10, channels=(4, 8, 8)),
+    "habitual_controlled": lambda: HabitualControlledNet(3, 8, 10, habitual_hidden=8, controlled_channels=(4, 8)),
+    "habitual_controlled_st": lambda: HabitualControlledNet(3, 8, 10, habitual_hidden=8, controlled_channels=(4, 8), gate="straight_through"),
 }
+NUM_STEPS = {"pondernet": 5, "act": 5, "early_exit": 3, "habitual_controlled": 2, "habitual_controlled_st": 2}
 
 
 def halting_units(model) -> list:
-    """The Linear layers that output halting (exit) logits."""
-    return list(model.exit_decisions) if isinstance(model, EarlyExitCNN) else [model.halting]
+    """The Linear layers that output halting (exit, gate) logits."""
+    if isinstance(model, EarlyExitCNN):
+        return list(model.exit_decisions)
+    return [model.gate] if isinstance(model, HabitualControlledNet) else [model.halting]
 
 
 def with_constant_halting(model, probability: float):
@@ -55,7 +66,7 @@ def test_halting_distributions_sum_to_one(name):
         for unit in halting_units(model):
             unit.bias.fill_(-2.0)  # late halting, so that ACT reaches the last step for some inputs
         steps = model.forward_steps(torch.randn(STROOP_SHAPE) * 3)
-    max_steps = 3 if name == "early_exit" else 5
+    max_steps = NUM_STEPS[name]
     assert steps.step_logits.shape == (STROOP_SHAPE[0], max_steps, 10)
     assert (steps.halting_distribution >= 0).all()
     assert torch.allclose(steps.halting_distribution.sum(dim=1), torch.ones(STROOP_SHAPE[0]), atol=1e-6)
@@ -162,7 +173,8 @@ def test_early_exit_inference_matches_the_training_exits_and_skips_stages():
     threshold = steps.halting_probabilities[:, 0].median().item()  # about half the inputs leave at stage 1
     processed = []
     hooks = [stage.register_forward_hook(lambda module, inputs, output: processed.append(len(inputs[0]))) for stage in model.stages]
-    logits, exit_stage = model.forward_early_exit(x, threshold=threshold)
+    model.threshold = threshold
+    logits, exit_stage = model.forward_adaptive(x)
     for hook in hooks:
         hook.remove()
     exits_at_1 = steps.halting_probabilities[:, 0] >= threshold
@@ -184,7 +196,7 @@ def test_act_halting_inference_matches_training_and_skips_steps():
         expected = model(x)
     processed = []
     hook = model.cell.register_forward_hook(lambda module, inputs, output: processed.append(len(inputs[0])))
-    logits, halting_step = model.forward_halting(x)
+    logits, halting_step = model.forward_adaptive(x)
     hook.remove()
     assert torch.equal(halting_step, steps.halting_step) and len(set(halting_step.tolist())) > 1
     assert torch.allclose(logits, expected, atol=1e-5)
@@ -201,8 +213,155 @@ def test_act_halting_inference_matches_training_and_skips_steps():
         (lambda: AdaptiveComputationTime(12, hidden=0), "hidden=0"),
         (lambda: EarlyExitCNN(channels=()), "at least one stage"),
         (lambda: EarlyExitCNN(channels=(4, 0)), "must be > 0"),
+        (lambda: EarlyExitCNN(threshold=0.0), "threshold=0.0"),
+        (lambda: PonderNet(12, beta=-1.0), "beta=-1.0"),
+        (lambda: HabitualControlledNet(gate="hard"), "gate='hard' is not allowed"),
+        (lambda: HabitualControlledNet(distill_weight=-0.1), "distill_weight=-0.1"),
+        (lambda: HabitualControlledNet(habitual_hidden=0), "habitual_hidden=0"),
     ],
 )
 def test_bad_hyperparameters_are_refused(factory, message):
     with pytest.raises(UserInputError, match=message):
         factory()
+
+
+def test_pondernet_halting_inference_matches_the_training_steps_and_skips_steps():
+    torch.manual_seed(5)
+    model = PonderNet(12, 3, hidden=8, max_steps=6, threshold=0.5).double()
+    with torch.no_grad():
+        model.halting.bias.fill_(-0.5)  # halting steps spread over several steps
+        x = torch.randn(40, 12, dtype=torch.float64) * 2
+        steps = model.forward_steps(x)
+    processed = []
+    hook = model.cell.register_forward_hook(lambda module, inputs, output: processed.append(len(inputs[0])))
+    logits, halting_step = model.forward_adaptive(x)
+    hook.remove()
+    reached = steps.halting_probabilities >= 0.5
+    reached[:, -1] = True
+    expected_step = reached.int().argmax(dim=1) + 1
+    assert torch.equal(halting_step, expected_step) and len(set(halting_step.tolist())) > 1
+    # The training-time step's logits, up to float64 rounding (a sub-batch may take another BLAS path).
+    assert torch.allclose(logits, steps.step_logits[torch.arange(40), halting_step - 1], rtol=1e-12, atol=1e-12)
+    assert processed == [int((expected_step > n).sum()) for n in range(int(expected_step.max()))]
+
+
+def test_pondernet_sampled_halting_follows_lambda():
+    model = with_constant_halting(PonderNet(12, 3, hidden=4, max_steps=8), 0.4)
+    _, halting_step = model.forward_adaptive(torch.randn(4000, 12), sample=True, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(halting_step - 1, minlength=8).double() / 4000
+    assert torch.allclose(frequencies, geometric_prior(0.4, 8).double(), atol=0.025)
+
+
+def test_habitual_controlled_inference_runs_the_costly_path_only_where_gated():
+    torch.manual_seed(6)
+    model = MODELS["habitual_controlled"]().double().eval()
+    x = torch.randn(30, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        steps = model.forward_steps(x)
+        model.threshold = steps.halting_distribution[:, 1].median().item()
+    processed = []
+    hook = model.controlled.register_forward_hook(lambda module, inputs, output: processed.append(len(inputs[0])))
+    logits, path = model.forward_adaptive(x)
+    hook.remove()
+    gated = steps.halting_distribution[:, 1] >= model.threshold
+    assert torch.equal(path, gated.long() + 1) and 0 < int(gated.sum()) < 30
+    assert processed == [int(gated.sum())]
+    assert torch.allclose(logits, steps.step_logits[torch.arange(30), path - 1], rtol=1e-12, atol=1e-12)
+
+
+def test_habitual_controlled_gate_modes():
+    torch.manual_seed(7)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    soft = MODELS["habitual_controlled"]().double()
+    steps = soft.forward_steps(x)
+    probabilities = steps.step_logits.softmax(dim=-1)
+    gate = steps.halting_distribution[:, 1:]
+    expected = ((1 - gate) * probabilities[:, 0] + gate * probabilities[:, 1]).log()
+    assert torch.allclose(soft(x), expected)
+    assert torch.allclose(soft.expected_compute("steps"), 1 + gate[:, 0])
+    straight = MODELS["habitual_controlled_st"]().double()
+    straight.load_state_dict(soft.state_dict())
+    output = straight(x)  # training: a hard Bernoulli(g) choice per input...
+    chosen = torch.stack([probabilities[:, 0].log(), probabilities[:, 1].log()], dim=1)
+    assert all(any(torch.allclose(output[i], chosen[i, k]) for k in (0, 1)) for i in range(16))
+    output.sum().backward()
+    assert straight.gate.weight.grad.abs().sum() > 0  # ...with the straight-through gradient of g
+    straight.eval()
+    hard = (gate[:, 0] >= straight.threshold).long()
+    with torch.no_grad():
+        assert torch.allclose(straight(x), chosen[torch.arange(16), hard])
+
+
+def test_distilling_the_habitual_path_is_kd_towards_the_detached_controlled_path():
+    torch.manual_seed(8)
+    model = HabitualControlledNet(3, 8, 10, habitual_hidden=8, controlled_channels=(4, 8), distill_weight=0.5, temperature=2.0).double()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    habitual, controlled = model.last_steps.step_logits.unbind(dim=1)
+    penalty = model.regularization()
+    assert penalty.item() == pytest.approx(0.5 * kd_loss(habitual, controlled, 2.0).item(), rel=1e-9)
+    penalty.backward()
+    assert model.habitual_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.controlled.parameters())  # the teacher side is detached
+    assert model.eval().regularization().item() == 0.0
+
+
+def test_pondernet_regularization_is_beta_times_the_kl():
+    torch.manual_seed(9)
+    model = PonderNet(12, 3, hidden=4, max_steps=4, prior_halt=0.3, beta=0.25)
+    model(torch.randn(5, 12))
+    assert model.regularization().item() == pytest.approx(0.25 * model.kl_to_prior(model.last_steps).item(), rel=1e-6)
+    assert PonderNet(12, 3, hidden=4).regularization().item() == 0.0
+
+
+def test_step_flops_against_hand_counts():
+    """2 FLOPs per multiply-add: Linear in*out, GRU cell 3h(in + h), conv 9 Cin Cout H W."""
+    h, c, inputs = 8, 10, 192
+    step = 2 * (3 * h * (h + h) + h * c + h)
+    for model in (PonderNet(inputs, c, hidden=h, max_steps=4), AdaptiveComputationTime(inputs, c, hidden=h, max_steps=4)):
+        expected = [2 * inputs * h + step * n for n in range(1, 5)]
+        assert model.cumulative_flops((3, 8, 8)).tolist() == expected
+    early = EarlyExitCNN(3, c, channels=(4, 8, 8))
+    stages = [2 * 9 * 3 * 4 * 64 + 2 * 4 * (c + 1), 2 * 9 * 4 * 8 * 16 + 2 * 8 * (c + 1), 2 * 9 * 8 * 8 * 4 + 2 * 8 * c]
+    assert early.cumulative_flops((3, 8, 8)).tolist() == [sum(stages[:n]) for n in (1, 2, 3)]
+    two_mode = MODELS["habitual_controlled"]()
+    habitual = 2 * (inputs * 8 + 8 * c + 8)
+    controlled = 2 * 9 * 3 * 4 * 64 + 2 * 9 * 4 * 8 * 16 + 2 * 8 * c
+    assert two_mode.cumulative_flops((3, 8, 8)).tolist() == [habitual, habitual + controlled]
+    assert two_mode.compute_bounds("flops", (3, 8, 8)) == (habitual, habitual + controlled)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_adaptive_inference_spends_the_flops_it_reports_and_fewer_than_the_full_model(name):
+    torch.manual_seed(10)
+    model = MODELS[name]().eval()
+    with torch.no_grad():
+        for unit in halting_units(model):
+            unit.bias.fill_(-0.5 if isinstance(model, AdaptiveComputationTime) else 0.0)  # a mix of early and late exits
+    x = torch.randn(64, *STROOP_SHAPE[1:]) * 2
+    with FlopCounterMode(display=False) as adaptive:
+        _, steps_taken = model.forward_adaptive(x)
+    with FlopCounterMode(display=False) as full:
+        model.forward_steps(x)
+    reported = model.compute_of_steps(steps_taken, "flops", x.shape[1:]).sum().item()
+    assert adaptive.get_total_flops() == reported
+    assert full.get_total_flops() == 64 * model.cumulative_flops(x.shape[1:])[-1].item() > reported
+
+
+def test_expected_compute_reads_the_last_forward():
+    torch.manual_seed(11)
+    ponder = MODELS["pondernet"]()
+    ponder(torch.randn(STROOP_SHAPE))
+    steps = ponder.last_steps
+    assert torch.allclose(ponder.expected_compute("steps"), steps.expected_steps)
+    cumulative = ponder.cumulative_flops().float()
+    assert torch.allclose(ponder.expected_compute("flops"), steps.halting_distribution @ cumulative)
+    act = MODELS["act"]()
+    act(torch.randn(STROOP_SHAPE))
+    assert torch.allclose(act.expected_compute("steps"), act.last_steps.ponder_cost)
+    per_step = (act.cumulative_flops()[1] - act.cumulative_flops()[0]).item()
+    assert torch.allclose(act.expected_compute("flops"), act.cumulative_flops()[0].item() + (act.last_steps.ponder_cost - 1) * per_step)
+    with pytest.raises(UserInputError, match="measure='time'"):
+        act.expected_compute("time")
+    with pytest.raises(RuntimeError, match="run forward first"):
+        MODELS["early_exit"]().expected_compute()

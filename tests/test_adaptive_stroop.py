@@ -91,3 +91,35 @@ def test_batches_are_image_label_pairs_in_congruence_order():
 def test_bad_fractions_are_refused(key, value):
     with pytest.raises(UserInputError, match=f"{key}={value}"):
         StroopDigitsDataModule(**{key: value})
+
+
+@pytest.mark.parametrize(("format", "image_size"), [("image", None), ("image", 16), ("sequence", None)])
+def test_example_groups_read_the_congruence_back_from_any_batch(format, image_size):
+    data = StroopDigitsDataModule(format=format, image_size=image_size, congruent_fraction=0.5, test_congruent_fraction=0.3)
+    data.setup("fit")
+    for split in ("train", "val", "test"):
+        x, y = data.datasets[split].tensors[:2]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # any order, any batch
+        groups = data.example_groups(x[order], y[order])
+        assert torch.equal(groups["congruent"], data.congruent[split][order])
+        assert torch.equal(groups["incongruent"], ~data.congruent[split][order])
+
+
+def test_example_groups_need_setup():
+    with pytest.raises(RuntimeError, match="needs setup"):
+        StroopDigitsDataModule().example_groups(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64))
+
+
+def test_mnist_source_colours_the_idx_files(tmp_path):
+    from helpers import write_mnist
+
+    train_images, train_labels = write_mnist(tmp_path, "train", 60, hw=(8, 8), seed=1)
+    test_images, _ = write_mnist(tmp_path, "test", 20, hw=(8, 8), seed=2)
+    data = StroopDigitsDataModule(source="mnist", root=tmp_path, val_size=10, congruent_fraction=0.75)
+    splits = data.load_images()
+    assert [len(splits[s][1]) for s in ("train", "val", "test")] == [50, 10, 20]
+    assert int(data.congruent["train"].sum()) == round(0.75 * 50) and not data.congruent["test"].any()
+    grey_test = torch.from_numpy(test_images).float()[:, None] / 255
+    assert torch.allclose(splits["test"][0], grey_test * CLASS_COLOURS[data.colour_classes["test"]][:, :, None, None])
+    with pytest.raises(UserInputError, match="source='emnist' is not allowed"):
+        StroopDigitsDataModule(source="emnist")

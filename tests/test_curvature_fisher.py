@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.curvature import LayerCapture, ParameterLayout, fisher
+from callbacks.curvature import LayerCapture, ParameterLayout, fisher, output_gradient_draws
 from framework.errors import UserInputError
 from framework.models import MLP, SmallCNN
 from framework.testing.reference import per_example_gradients, per_example_jacobians
@@ -78,12 +78,31 @@ def layer_slices(layout: ParameterLayout) -> dict[str, slice]:
 
 
 @pytest.mark.parametrize(
-    "task, fisher_type", [("classification", "exact"), ("classification", "empirical"), ("regression", "exact"), ("regression", "empirical")]
+    "make_task, task, fisher_type",
+    [
+        (classification_task, "classification", "exact"),
+        (classification_task, "classification", "empirical"),
+        (regression_task, "regression", "exact"),
+        (regression_task, "regression", "empirical"),
+        (conv_task, "classification", "exact"),
+        (weight_sharing_task, "classification", "empirical"),
+    ],
+    ids=["mlp-exact", "mlp-empirical", "regression-exact", "regression-empirical", "cnn-exact", "shared-empirical"],
 )
-def test_dense_equals_average_of_per_example_outer_products(task, fisher_type):
-    model, inputs, targets = classification_task() if task == "classification" else regression_task()
-    computed = fisher(model, batched(inputs, targets, [3, 4]), "dense", fisher_type, task).to_dense()
+def test_dense_equals_average_of_per_example_outer_products(make_task, task, fisher_type):
+    model, inputs, targets = make_task()
+    computed = fisher(model, batched(inputs, targets, [3, len(inputs) - 3]), "dense", fisher_type, task).to_dense()
     torch.testing.assert_close(computed, reference_fisher(model, inputs, targets, fisher_type, task))
+
+
+def test_exact_draws_factor_the_softmax_covariance_with_one_draw_fewer_than_classes():
+    logits = torch.randn(20, 5, dtype=DOUBLE) * 3
+    logits[0] = torch.tensor([40.0, 0.0, 0.0, -40.0, 0.0])  # one class almost certain, one almost impossible
+    draws = output_gradient_draws(logits, None, "exact", "classification")
+    assert draws.shape == (4, 20, 5)
+    p = logits.softmax(dim=1)
+    covariance = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(torch.einsum("dni,dnj->nij", draws, draws), covariance, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("make_task", [classification_task, conv_task, weight_sharing_task], ids=["mlp", "cnn", "shared"])
@@ -115,15 +134,16 @@ def test_conv2d_kfac_factors_follow_the_documented_convention():
     torch.testing.assert_close(block.g, output_gradients.T @ output_gradients / (4 * 16))
 
 
-def test_mc_fisher_converges_at_inverse_square_root_rate():
-    model, inputs, targets = classification_task(n=6)
-    exact = reference_fisher(model, inputs, targets, "exact", "classification")
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_mc_fisher_converges_at_inverse_square_root_rate(task):
+    model, inputs, targets = classification_task(n=6) if task == "classification" else regression_task(n=6)
+    exact = reference_fisher(model, inputs, targets, "exact", task)
 
     def root_mean_squared_error(samples: int) -> float:
         errors = []
         for seed in range(8):
             generator = torch.Generator().manual_seed(seed)
-            estimate = fisher(model, [(inputs, targets)], "dense", "mc", samples=samples, generator=generator).to_dense()
+            estimate = fisher(model, [(inputs, targets)], "dense", "mc", task, samples=samples, generator=generator).to_dense()
             errors.append((estimate - exact).square().sum())
         return torch.stack(errors).mean().sqrt().item()
 

@@ -33,6 +33,19 @@ def test_kfac_and_ekfac_equal_the_dense_blocks_when_all_examples_share_one_input
     torch.testing.assert_close(approximation.to_dense(), block_diagonal_part(expected, approximation.layout))
 
 
+@pytest.mark.parametrize("representation", ["kfac", "ekfac"])
+def test_conv2d_with_one_position_is_exact_like_linear_when_all_examples_share_one_input(representation):
+    """A Conv2d whose kernel covers its input has one output position, so it is a Linear layer on
+    the flattened patch: KFAC and EKFAC equal the dense block, as for Linear."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(3, 4)).double()
+    inputs, targets = torch.randn(1, 2, 3, 3, dtype=DOUBLE).expand(6, -1, -1, -1), torch.randint(0, 4, (6,))
+    approximation = fisher(model, [(inputs, targets)], representation)
+    expected = reference_fisher(model, inputs, targets, "exact", "classification")
+    assert isinstance(approximation.blocks["0"], EigenBlock if representation == "ekfac" else KroneckerBlock)
+    torch.testing.assert_close(approximation.to_dense(), block_diagonal_part(expected, approximation.layout))
+
+
 @pytest.mark.parametrize("batch_sizes", [[9], [2, 3, 4]])
 def test_kfac_is_exact_for_a_deep_linear_network_and_not_with_a_relu(batch_sizes):
     torch.manual_seed(0)
@@ -46,7 +59,7 @@ def test_kfac_is_exact_for_a_deep_linear_network_and_not_with_a_relu(batch_sizes
             assert (error < 1e-10) == exact, (activation, representation, error)
 
 
-@pytest.mark.parametrize("make_task", [classification_task, conv_task], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("make_task", [classification_task, conv_task, weight_sharing_task], ids=["mlp", "cnn", "shared"])
 def test_ekfac_trace_frobenius_and_relation_to_kfac(make_task):
     model, inputs, targets = make_task()
     dense = reference_fisher(model, inputs, targets, "exact", "classification")

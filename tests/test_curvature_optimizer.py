@@ -1,7 +1,8 @@
 """The EKFAC/KFAC optimiser: SGD under identity curvature, the functional core's damped solves,
-refusals, eigendecomposition failures, a plain training loop, and the callback contract."""
+refusals, eigendecomposition failures, a plain training loop, adaptive (Levenberg-Marquardt)
+damping, bf16 statistics, eigendecompositions spread over DDP ranks, the callback's W&B logs read
+back, and the callback contract (with adaptive damping and spread eigendecompositions on)."""
 
-import csv
 from collections import OrderedDict
 from functools import partial
 
@@ -9,10 +10,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger
+import wandb
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from callbacks.curvature import CurvatureError, EKFACStatistics, FisherStatistics, PVector, fisher
+from callbacks.curvature.blocks import EigenBlock
 from callbacks.curvature.builder import CapturedBatch
 from callbacks.curvature.optimizer import EKFAC
 from framework.data import DigitsDataModule
@@ -20,6 +24,7 @@ from framework.errors import UserInputError
 from framework.models import MLP
 from framework.tasks import ClassificationTask
 from framework.testing import CHECKS, CallbackContract
+from framework.wandb_offline import find_offline_runs, read_history
 
 
 def identity_curvature_batch(size: int = 4) -> CapturedBatch:
@@ -108,6 +113,11 @@ def test_accumulated_step_uses_the_statistics_of_every_micro_batch():
         ({"momentum": 1.0}, "momentum"),
         ({"lr": 0.0}, "lr"),
         ({"kl_clip": 0.0}, "kl_clip"),
+        ({"adapt_damping_every": 0}, "adapt_damping_every=0 must be an integer >= 1"),
+        ({"damping_factor": 1.0}, r"damping_factor=1.0 must be in \(0, 1\)"),
+        ({"damping": 1e-9, "min_damping": 1e-8}, r"damping=1e-09 must lie in \[min_damping, max_damping\]"),
+        ({"damping": 10.0, "max_damping": 1.0}, "max_damping"),
+        ({"min_damping": 0.0}, "min_damping > 0"),
     ],
 )
 def test_bad_hyperparameters_are_refused(setting, message):
@@ -245,11 +255,14 @@ def test_plain_loop_training_decreases_the_loss_on_digits(scale_every):
     assert expected <= metrics.keys()
 
 
-def ekfac_task() -> ClassificationTask:
-    """The contract's tiny MLP on digits, trained by EKFAC."""
-    optimizer = partial(
-        EKFAC, lr=0.1, damping=0.03, momentum=0.9, weight_decay=1e-4, eigen_every=3, stats_every=1, scale_every=2, kl_clip=1e-3
+def ekfac_task(**settings) -> ClassificationTask:
+    """The contract's tiny MLP on digits, trained by EKFAC with adaptive damping and
+    eigendecompositions spread over the ranks (under DDP)."""
+    hyperparameters = dict(
+        lr=0.1, damping=0.03, momentum=0.9, weight_decay=1e-4, eigen_every=3, stats_every=1, scale_every=2, kl_clip=1e-3,
+        adapt_damping_every=2, distribute_eigen=True,
     )
+    optimizer = partial(EKFAC, **(hyperparameters | settings))
     return ClassificationTask(MLP(64, 10, hidden=(32,)), optimizer=optimizer, no_weight_decay=("*.bias",))
 
 
@@ -258,19 +271,49 @@ def test_callback_passes_the_contract(check, tmp_path):
     CallbackContract(EKFACStatistics, task_factory=ekfac_task, max_epochs=2, resume_epoch=1).check(check, tmp_path)
 
 
-def test_callback_logs_the_optimizers_measurements(tmp_path):
+@pytest.mark.slow
+def test_callback_logs_the_optimizers_measurements_to_wandb(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ekfac")
     trainer = L.Trainer(
-        callbacks=[EKFACStatistics()], max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        callbacks=[EKFACStatistics()], max_steps=3, log_every_n_steps=1, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     trainer.fit(ekfac_task(), datamodule=DigitsDataModule(batch_size=64, seed=0))
-    with open(trainer.logger.experiment.metrics_file_path) as file:
-        rows = list(csv.DictReader(file))
-    logged = {(int(row["step"]), key) for row in rows for key, value in row.items() if key.startswith("ekfac/") and value}
+    optimizer = trainer.optimizers[0]
+    spectra = optimizer.spectra()
+    logger.experiment.finish()
+    wandb.teardown()  # waits for wandb-core to write the whole run file
+    history = read_history(find_offline_runs(tmp_path)[-1])
+    # A histogram comes back as nested keys <name>/_type, <name>/bins, <name>/values.
+    histogram_parts = ("/_type", "/bins", "/values")
+    logged = {
+        (row["trainer/global_step"], key.removesuffix(next((p for p in histogram_parts if key.endswith(p)), "")))
+        for row in history
+        for key in row
+        if key.startswith("ekfac/")
+    }
+    layers = ["backbone.layers.1", "backbone.layers.3"]
     per_step = ["ekfac/damping", "ekfac/kl_clip_factor", "ekfac/preconditioned_to_raw_norm"]
-    per_step += ["ekfac/condition/backbone.layers.1", "ekfac/condition/backbone.layers.3"]
-    # Three steps (0, 1, 2, logged at global steps 1, 2, 3); eigen_every=3 decomposes in step 0 only.
-    assert {(step, key) for step in (1, 2, 3) for key in per_step} | {(1, "ekfac/eigen_seconds")} == logged, logged
+    per_step += [f"ekfac/{kind}/{layer}" for kind in ("condition", "spectrum") for layer in layers]
+    # Steps 0, 1, 2 are logged at global steps 1, 2, 3; eigen_every=3 decomposes in step 0 only,
+    # adapt_damping_every=2 adapts the damping in steps 0 and 2.
+    expected = {(step, key) for step in (1, 2, 3) for key in per_step}
+    expected |= {(1, "ekfac/eigen_seconds"), (1, "ekfac/reduction_ratio"), (3, "ekfac/reduction_ratio")}
+    assert logged == expected, logged ^ expected
+    last = {key: value for row in history if row["trainer/global_step"] == 3 for key, value in row.items()}
+    # The damping logged is the one the step used; the step's adaptation then applied the rule.
+    ratio, used = last["ekfac/reduction_ratio"], last["ekfac/damping"]
+    assert optimizer.damping == pytest.approx(used / 0.75 if ratio < 0.25 else used * 0.75 if ratio > 0.75 else used)
+    for layer in layers:
+        histogram = {part: last[f"ekfac/spectrum/{layer}/{part}"] for part in ("_type", "bins", "values")}
+        values = spectra[layer]
+        assert histogram["_type"] == "histogram" and sum(histogram["values"]) == values.numel()
+        assert histogram["bins"][0] == pytest.approx(values.min().item()) and histogram["bins"][-1] == pytest.approx(values.max().item())
+        scaling = optimizer.state[optimizer.layers[layer].module.weight]["scaling"]
+        torch.testing.assert_close(values, torch.log10(scaling + optimizer.damping).flatten())
+        condition = (scaling.max() + used) / (scaling.min() + used)
+        assert last[f"ekfac/condition/{layer}"] == pytest.approx(condition.item(), rel=1e-6)
+    assert 0 < last["ekfac/preconditioned_to_raw_norm"] and 0 < last["ekfac/kl_clip_factor"] <= 1
 
 
 def test_callback_refuses_a_task_without_ekfac(tmp_path):
@@ -281,3 +324,145 @@ def test_callback_refuses_a_task_without_ekfac(tmp_path):
     task = ClassificationTask(MLP(64, 10, hidden=(8,)))
     with pytest.raises(UserInputError, match=r"needs exactly one EKFAC optimizer in the task, got \['SGD'\]"):
         trainer.fit(task, datamodule=DigitsDataModule(batch_size=64, seed=0))
+
+
+def quadratic_closure(model: nn.Module, optimizer: EKFAC, statistics: FisherStatistics, inputs, targets):
+    """A closure for a regression loss 1/2 ||f(x) - y||^2 averaged over the batch, recording the
+    statistics of its forward pass (when the optimiser asks for them)."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with statistics.record(targets):
+            outputs = model(inputs)
+        loss = 0.5 * (outputs - targets).square().sum(1).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_adaptive_damping_predicts_a_quadratic_loss_exactly_and_lowers_the_damping():
+    # A Linear layer under a squared loss: the loss is quadratic and its Hessian is exactly the
+    # KFAC Fisher I (x) A of the batch, so the quadratic model predicts the change exactly (rho = 1,
+    # momentum included) and every adaptation multiplies the damping by damping_factor.
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    inputs, targets = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    optimizer = EKFAC(
+        model.parameters(), lr=0.1, damping=0.1, momentum=0.9, decay=0.0, eigen_every=1, scale_every=None,
+        adapt_damping_every=1, damping_factor=0.5,
+    )
+    statistics = FisherStatistics(model, optimizer, fisher_type="exact", task="regression")
+    closure = quadratic_closure(model, optimizer, statistics, inputs, targets)
+    for step in range(3):
+        optimizer.step(closure)
+        assert optimizer.pop_metrics()["ekfac/reduction_ratio"] == pytest.approx(1.0, abs=1e-9)
+        assert optimizer.damping == pytest.approx(0.1 * 0.5 ** (step + 1), rel=1e-15)
+        assert len(optimizer._pending) == 0  # the re-evaluation recorded no statistics
+
+
+def test_adaptive_damping_raises_the_damping_when_the_loss_rises_more_than_predicted():
+    torch.manual_seed(0)
+    model = conv_net()
+    inputs, targets = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    lr, damping = 1.0, 0.01  # a full natural-gradient step: the model predicts a decrease, the loss rises
+    optimizer = EKFAC(model.parameters(), lr=lr, damping=damping, momentum=0.0, decay=0.0, eigen_every=1, adapt_damping_every=1)
+    statistics = FisherStatistics(model, optimizer, fisher_type="exact")
+    curvature = fisher(model, [(inputs, targets)], representation="ekfac", fisher_type="exact")
+    losses = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with statistics.record(targets):
+            loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        losses.append(loss.item())
+        return loss
+
+    closure()
+    gradient = PVector.from_model_grads(curvature.layout).flatten()
+    before = PVector.from_model(curvature.layout).flatten()
+    optimizer.zero_grad()
+    optimizer.step(closure)
+    delta = PVector.from_model(curvature.layout).flatten() - before
+    predicted = gradient @ delta + 0.5 * delta @ curvature.to_dense() @ delta
+    expected_ratio = (losses[-1] - losses[-2]) / predicted.item()
+    assert predicted < 0 and losses[-1] > losses[-2] and expected_ratio < 0
+    assert optimizer.pop_metrics()["ekfac/reduction_ratio"] == pytest.approx(expected_ratio, rel=1e-9)
+    assert optimizer.damping == pytest.approx(damping / 0.75, rel=1e-15)
+
+
+def test_adaptive_damping_needs_a_closure():
+    model = named_linear()
+    optimizer = EKFAC(model.parameters(), adapt_damping_every=1)
+    statistics = FisherStatistics(model, optimizer)
+    with statistics.record():
+        model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(UserInputError, match="adapt_damping_every is set, so EKFAC.step needs a closure"):
+        optimizer.step()
+
+
+def test_bf16_statistics_are_kept_in_float32():
+    model = named_linear()
+    optimizer = EKFAC(model.parameters(), eigen_every=1)
+    statistics = FisherStatistics(model, optimizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with statistics.record():
+            outputs = model(torch.randn(4, 3))
+    assert outputs.dtype == torch.bfloat16
+    outputs.float().sum().backward()
+    optimizer.step()
+    state = optimizer.state[model.fc.weight]
+    assert {state[key].dtype for key in ("input_factor", "output_factor", "input_basis", "scaling")} == {torch.float32}
+
+
+class SpreadEigenCheck(Callback):
+    """Counts this rank's eigendecompositions; at the end compares each layer's preconditioner
+    (from the broadcast bases) with one computed on this rank from its own factors, and saves the
+    curvature state to ``<directory>/rank<r>.pt``."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+        self.calls = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        eigh = optimizer._eigh
+
+        def counted(factor: torch.Tensor):
+            self.calls += 1
+            return eigh(factor)
+
+        optimizer._eigh = counted
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        worst, curvature, calls = 0.0, {}, self.calls
+        for name, layer in optimizer.layers.items():
+            state = optimizer.state[layer.module.weight]
+            (values_a, q_a), (values_g, q_g) = optimizer._eigendecompose_layer(layer)
+            local = EigenBlock(layer, q_g, q_a, torch.outer(values_g, values_a)).inverse(optimizer.damping).to_dense()
+            spread = EigenBlock(layer, state["output_basis"], state["input_basis"], state["scaling"]).inverse(optimizer.damping).to_dense()
+            worst = max(worst, ((spread - local).abs().max() / local.abs().max()).item())
+            curvature[name] = {key: state[key] for key in ("input_basis", "output_basis", "scaling")}
+        torch.save({"calls": calls, "worst": worst, "curvature": curvature}, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_spread_eigendecompositions_give_every_rank_the_undistributed_preconditioner(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[EKFACStatistics(), SpreadEigenCheck(tmp_path)],
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    # KFAC decomposing at every step: at the end the scaling is the product of the eigenvalues.
+    task = ekfac_task(eigen_every=1, scale_every=None, adapt_damping_every=None)
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=64, seed=0))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Layer 1 (65x65 and 32x32 factors) is dealt to rank 0, layer 3 (33x33, 10x10) to rank 1:
+    # two decompositions per rank and step, not four.
+    assert [rank["calls"] for rank in ranks] == [2 * 3, 2 * 3]
+    for name, state in ranks[0]["curvature"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ranks[1]["curvature"][name][key]), (name, key)
+    assert max(rank["worst"] for rank in ranks) < 1e-5

@@ -1,6 +1,8 @@
 """The representation interface (callbacks.curvature): every method agrees with the dense matrix
 it represents, solves invert products, and the parameter-space vector follows the model's order."""
 
+import copy
+
 import pytest
 import torch
 from test_curvature_fisher import DOUBLE, classification_task, reference_fisher, regression_task
@@ -119,3 +121,86 @@ def test_conjugate_gradients_warns_when_it_stops_short():
     implicit.cg_max_iterations = 2
     with pytest.warns(UserWarning, match="stopped after 2 iterations"):
         implicit.solve(random_vector(implicit.layout))
+
+
+class KeepMask(torch.nn.Module):
+    """A parametrization W = original * mask, like a pruning mask."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original * self.mask
+
+
+def reparametrized_pair(storage: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A CNN + BatchNorm + MLP head with its Conv2d, BatchNorm and Linear weights (and one bias)
+    masked by torch.nn.utils.prune or a parametrization, and a plain copy holding the same effective
+    weights."""
+    from torch import nn
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+    with torch.no_grad():
+        plain[4].weight.uniform_(0.5, 1.5)
+        plain[4].running_var.uniform_(0.5, 2.0)
+    plain.eval()
+    masked = copy.deepcopy(plain)
+    generator = torch.Generator().manual_seed(1)
+    targets = [(0, "weight"), (3, "weight"), (3, "bias"), (6, "weight")] + ([(4, "weight")] if storage == "pruned" else [])
+    for index, name in targets:
+        mask = (torch.rand(getattr(plain[index], name).shape, generator=generator) > 0.4).double()
+        if storage == "pruned":
+            prune.custom_from_mask(masked[index], name, mask)
+        else:
+            parametrize.register_parametrization(masked[index], name, KeepMask(mask))
+        with torch.no_grad():
+            getattr(plain[index], name).mul_(mask)
+    return masked, plain
+
+
+@pytest.mark.parametrize("storage", ["pruned", "parametrized"])
+def test_pruned_and_parametrized_layers_use_the_effective_weights(storage):
+    masked, plain = reparametrized_pair(storage)
+    inputs, targets = torch.randn(6, 1, 4, 4, dtype=DOUBLE), torch.randint(0, 3, (6,))
+    layout, plain_layout = ParameterLayout(masked), ParameterLayout(plain)
+    assert list(layout.layers) == list(plain_layout.layers) == ["0", "3", "4", "6"]
+    assert list(layout.parameters()) == [name for name, _ in plain.named_parameters()]
+    leaves = list(layout.layers["3"].parameters.values())  # what an optimiser steps on, in layout order
+    original = "weight_orig" if storage == "pruned" else "parametrizations.weight.original"
+    assert leaves[0] is masked[3].get_parameter(original) and leaves[0].shape == (5, 32)
+    torch.testing.assert_close(PVector.from_model(layout).flatten(), PVector.from_model(plain_layout).flatten())
+    shaped = PVector.from_model(layout).to_parameters()
+    assert list(shaped) == list(dict(plain.named_parameters()))
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(shaped[name], p.detach())
+    for representation in ["dense", "diagonal", "kfac", "ekfac"]:
+        expected = fisher(plain, [(inputs, targets)], representation).to_dense()
+        torch.testing.assert_close(fisher(masked, [(inputs, targets)], representation).to_dense(), expected)
+    if storage == "pruned":
+        v = random_vector(layout)
+        expected = fisher(plain, [(inputs, targets)], "dense").mv(v).flatten()
+        torch.testing.assert_close(fisher(masked, [(inputs, targets)], "implicit").mv(v).flatten(), expected)
+    if storage == "pruned":  # the forward's cached weight is put back after functional calls
+        assert torch.equal(masked[3].weight, masked[3].weight_orig * masked[3].weight_mask)
+    torch.nn.functional.cross_entropy(masked(inputs), targets).backward()
+    gradients = PVector.from_model_grads(layout).to_parameters()
+    torch.testing.assert_close(gradients["3.weight"], leaves[0].grad)
+
+
+def test_parametrizations_that_cannot_be_evaluated_are_refused_by_name():
+    masked, _ = reparametrized_pair("parametrized")
+    inputs = torch.randn(4, 1, 4, 4, dtype=DOUBLE)
+    with pytest.raises(UserInputError, match=r"'0.weight' is parametrized"):
+        fisher(masked, [inputs], "implicit")
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(masked[4], "weight", KeepMask(torch.ones(5, dtype=DOUBLE)))
+    with pytest.raises(UserInputError, match=r"'4.weight' is parametrized"):
+        fisher(masked, [inputs], "diagonal")
+    with pytest.raises(UserInputError, match=r"layers='3.parametrizations.weight'"):
+        fisher(masked, [inputs], "diagonal", layers=["3.parametrizations.weight"])

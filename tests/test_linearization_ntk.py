@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.linearization import EmpiricalNTK, parameter_groups
-from callbacks.linearization.ntk import _block_through_positions, _contract_jacobians, _layer_gradients, _LayerFactors
+from callbacks.linearization.ntk import (
+    SYMMETRIC_GRAM_LEAF,
+    _block_through_positions,
+    _contract_jacobians,
+    _layer_gradients,
+    _LayerFactors,
+    _symmetric_gram,
+)
 from framework.errors import UserInputError
 from framework.models import MLP, SmallCNN
 from framework.testing.reference import empirical_ntk as reference_ntk
@@ -144,6 +151,29 @@ def test_both_contraction_orders_of_layer_factors_agree(positions, diagonal):
     ]
     expected = _contract_jacobians(_layer_gradients(factors[0]), _layer_gradients(factors[1]), diagonal)
     torch.testing.assert_close(_block_through_positions(*factors, diagonal), expected)
+
+
+def test_symmetric_gram_equals_the_plain_product_across_recursion_levels():
+    torch.manual_seed(0)
+    for shape in [(5, 7), (4 * SYMMETRIC_GRAM_LEAF + 3, 6), (3, 2 * SYMMETRIC_GRAM_LEAF + 1, 4)]:
+        rows = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(_symmetric_gram(rows), rows @ rows.transpose(-1, -2))
+
+
+def test_cross_kernel_between_image_sizes_mixing_both_contraction_orders():
+    """On 3x3 images the convolution has one position (contracted as Gram matrices), on 5x5
+    nine (through per-example gradients): a block of K(X3, X5) mixes the two feature kinds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    small, large = torch.randn(5, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    full = reference_ntk(model, small, large)
+    for mode, expected, swapped in [
+        ("full", full, full.permute(1, 0, 3, 2)),
+        ("diagonal", torch.diagonal(full, dim1=2, dim2=3), torch.diagonal(full, dim1=2, dim2=3).transpose(0, 1)),
+    ]:
+        ntk = EmpiricalNTK(mode=mode, implementation="structured", chunk_size=3)
+        torch.testing.assert_close(ntk(model, small, large), expected)
+        torch.testing.assert_close(ntk(model, large, small), swapped)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -80,6 +80,23 @@ def test_orthogonal_linear_rnn_preserves_the_hidden_norm():
     torch.testing.assert_close(norms, norms[:, :1].expand_as(norms), rtol=1e-4, atol=0)
 
 
+def test_nnrnn_with_t_zero_and_alpha_one_preserves_the_hidden_norm():
+    """The learnable nnRNN brought back to T = 0, alpha = 1 (after moving both) is orthogonal."""
+    torch.manual_seed(0)
+    model = NNRNN(4, 16, 2, activation="identity")
+    with torch.no_grad():
+        model.upper.normal_(std=0.3)
+        model.alphas.uniform_(0.5, 1.5)
+        model.upper.zero_()
+        model.alphas.fill_(1.0)
+    model.double()
+    x = torch.zeros(3, 200, 4, dtype=torch.float64)
+    x[:, 0] = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        norms = model.hidden_states(x).norm(dim=-1)
+    torch.testing.assert_close(norms, norms[:, :1].expand_as(norms), rtol=1e-10, atol=0)
+
+
 def test_non_normal_linear_rnn_does_not_preserve_the_hidden_norm():
     torch.manual_seed(0)
     model = NNRNN(4, 16, 2, activation="identity")

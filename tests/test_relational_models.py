@@ -18,12 +18,46 @@ RELATIONAL_MODELS = {
     "relation_network": (lambda: RelationNetwork(FEATURES, 3, CLASSES, embedding_size=6, relation_hidden=(8, 7)), 3),
     "concat_mlp": (lambda: ConcatMLP(FEATURES, 3, CLASSES, embedding_size=6, encoder_hidden=()), 3),
 }
+# Multiple choice: 4 candidates of 2 objects completing 2 context objects (match-to-sample
+# layout, 2 + 4 * 2 = 10 input objects), or 3 candidates of 1 object completing 4 (7 inputs).
+CHOICE_MODELS = {
+    "corelnet_pairs": (lambda: CoRelNet(FEATURES, 4, 4, embedding_size=6, context_norm=True, num_candidates=4, candidate_size=2), 10, 4),
+    "relation_network_single": (lambda: RelationNetwork(FEATURES, 5, 3, embedding_size=6, relation_hidden=(8,), num_candidates=3), 7, 3),
+    "concat_mlp_pairs": (lambda: ConcatMLP(FEATURES, 4, 4, embedding_size=6, num_candidates=4, candidate_size=2), 10, 4),
+}
 
 
 @pytest.mark.parametrize("name", RELATIONAL_MODELS)
 def test_relational_architecture_smoke(name, tmp_path):
     factory, objects = RELATIONAL_MODELS[name]
     check_architecture(factory, torch.randn(BATCH, objects, FEATURES), (BATCH, CLASSES), tmp_path)
+
+
+@pytest.mark.parametrize("name", CHOICE_MODELS)
+def test_multiple_choice_architecture_smoke(name, tmp_path):
+    factory, inputs, candidates = CHOICE_MODELS[name]
+    check_architecture(factory, torch.randn(BATCH, inputs, FEATURES), (BATCH, candidates), tmp_path)
+
+
+@pytest.mark.parametrize("name", CHOICE_MODELS)
+def test_each_candidate_is_scored_with_the_context_alone(name):
+    """Permuting the candidates permutes the logits; a candidate's logit is the score of the
+    context completed with it."""
+    torch.manual_seed(0)
+    factory, inputs, candidates = CHOICE_MODELS[name]
+    model = factory().eval()
+    size = model.candidate_size
+    context = inputs - candidates * size
+    x = torch.randn(BATCH, inputs, FEATURES)
+    order = torch.randperm(candidates)
+    blocks = x[:, context:].unflatten(1, (candidates, size))
+    permuted = torch.cat([x[:, :context], blocks[:, order].flatten(1, 2)], dim=1)
+    with torch.no_grad():
+        logits = model(x)
+        torch.testing.assert_close(model(permuted), logits[:, order])
+        for k in range(candidates):
+            completed = torch.cat([x[:, :context], blocks[:, k]], dim=1)
+            torch.testing.assert_close(model.score(completed).squeeze(-1), logits[:, k])
 
 
 def test_relation_matrix_is_the_row_softmax_of_embedding_similarities():
@@ -75,6 +109,9 @@ def test_relation_network_is_invariant_to_the_order_of_objects():
         (lambda: CoRelNet(num_objects=0), "num_objects=0"),
         (lambda: RelationNetwork(relation_hidden=()), "relation_hidden must name"),
         (lambda: ConcatMLP(embedding_size=0), "must be > 0"),
+        (lambda: CoRelNet(num_objects=6, num_classes=2, num_candidates=4), "num_classes=2 must equal num_candidates=4"),
+        (lambda: RelationNetwork(num_objects=2, num_classes=2, num_candidates=2, candidate_size=2), "candidate_size=2 must be < num_objects=2"),
+        (lambda: ConcatMLP(num_candidates=-1), "num_candidates=-1"),
     ],
 )
 def test_bad_relational_hyperparameters_are_refused(factory, message):
@@ -85,6 +122,8 @@ def test_bad_relational_hyperparameters_are_refused(factory, message):
 def test_wrong_number_of_objects_is_refused():
     with pytest.raises(ValueError, match=r"expected inputs \(N, 2, D\)"):
         CoRelNet(FEATURES, 2, CLASSES)(torch.randn(BATCH, 3, FEATURES))
+    with pytest.raises(ValueError, match=r"expected inputs \(N, 9, D\)"):  # 5 context objects + 4 candidates
+        CoRelNet(FEATURES, 6, 4, num_candidates=4)(torch.randn(BATCH, 6, FEATURES))
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:

@@ -87,8 +87,7 @@ class DiagonalBlock(Block):
 
 def _to_layout_order(layer: KroneckerLayer, matrix_ordered: torch.Tensor) -> torch.Tensor:
     """A dense block indexed by the (out, in [+1]) matrix row-major, re-indexed in layout order."""
-    positions = torch.arange(matrix_ordered.shape[0], device=matrix_ordered.device)
-    order = layer.from_matrix(positions.view(layer.out_features, -1))
+    order = layer.matrix_positions().to(matrix_ordered.device)
     return matrix_ordered[order][:, order]
 
 

@@ -13,7 +13,6 @@ by :func:`callbacks.curvature.layers.second_moment`.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,13 +36,26 @@ from framework.errors import UserInputError, check_choice, check_positive
 REPRESENTATIONS = ("dense", "diagonal", "block_diagonal", "kfac", "ekfac", "lowrank", "implicit")
 
 
-@dataclass
 class CapturedBatch:
-    """One batch: each layer's captured inputs, and its output gradients for each draw."""
+    """One batch: each layer's captured inputs, and its output gradients for each of D draws,
+    stacked per layer as ``gradients[name]`` (D, N, ...). ``draws`` is the per-draw view."""
 
-    size: int
-    inputs: dict[str, object]
-    draws: list[dict[str, torch.Tensor]]
+    def __init__(self, size: int, inputs: dict[str, object], draws: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.size = size
+        self.inputs = inputs
+        self.gradients = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]} if draws else {}
+
+    @classmethod
+    def stacked(cls, size: int, inputs: dict[str, object], gradients: dict[str, torch.Tensor]) -> "CapturedBatch":
+        """From gradients already stacked over draws, as :meth:`LayerCapture.draw_gradients` gives them."""
+        batch = cls(size, inputs, [])
+        batch.gradients = gradients
+        return batch
+
+    @property
+    def draws(self) -> list[dict[str, torch.Tensor]]:
+        count = len(next(iter(self.gradients.values()))) if self.gradients else 0
+        return [{name: gradient[d] for name, gradient in self.gradients.items()} for d in range(count)]
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,8 +75,8 @@ def _captured_batches(
             with LayerCapture(layout) as capture:
                 outputs = layout.model(inputs)
             draws = output_gradient_draws(outputs, targets, fisher_type, task, samples, generator)
-            gradients = [capture.output_gradients((outputs.flatten(1) * draw).sum()) for draw in draws]
-        yield CapturedBatch(inputs.shape[0], capture.inputs, gradients)
+            gradients = capture.draw_gradients(outputs, draws)
+        yield CapturedBatch.stacked(inputs.shape[0], capture.inputs, gradients)
 
 
 def _check_not_empty(count: int) -> None:
@@ -84,36 +96,91 @@ def _average(batches: Iterable[CapturedBatch], statistics: Callable[[CapturedBat
     return {key: value / examples for key, value in sums.items()}
 
 
-def _sum_over_draws(
+def _per_layer(
     batch: CapturedBatch, layers: dict[str, Layer], statistic: Callable[[Layer, object, torch.Tensor], torch.Tensor], kind: str
 ) -> dict[tuple[str, str], torch.Tensor]:
-    return {
-        (kind, name): sum(statistic(layer, batch.inputs[name], draw[name]) for draw in batch.draws)
-        for name, layer in layers.items()
-    }
+    """``statistic(layer, inputs, gradients)`` of each layer, with its gradients stacked over draws."""
+    return {(kind, name): statistic(layer, batch.inputs[name], batch.gradients[name]) for name, layer in layers.items()}
+
+
+def _per_example(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients (D, N, size) for gradients stacked over D draws."""
+    if isinstance(layer, KroneckerLayer):
+        return layer.per_example_gradients(inputs, gradients)
+    return torch.stack([layer.per_example_gradients(inputs, draw) for draw in gradients])
 
 
 def _diagonal(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
-    return layer.squared_gradients_sum(inputs, gradients)
+    if isinstance(layer, KroneckerLayer):
+        return layer.from_matrix(second_moment(inputs, gradients))
+    return _per_example(layer, inputs, gradients).square().sum((0, 1))
 
 
 def _block(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
-    per_example = layer.per_example_gradients(inputs, gradients)
+    per_example = _per_example(layer, inputs, gradients).flatten(0, 1)
     return per_example.T @ per_example
 
 
 def _output_factor(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
-    return gradients.flatten(0, 1).T @ gradients.flatten(0, 1) / gradients.shape[1]
+    flat = gradients.flatten(0, 2)
+    return flat.T @ flat / gradients.shape[2]
+
+
+def _is_outer_product(layer: Layer, inputs: object) -> bool:
+    """A Kronecker layer with one position: each per-example gradient is one outer product g a^T."""
+    return isinstance(layer, KroneckerLayer) and inputs.shape[1] == 1
+
+
+Captured = tuple[KroneckerLayer, torch.Tensor, torch.Tensor]
+
+
+def _outer_block(first: Captured, second: Captured) -> torch.Tensor:
+    """sum_n sum_d J1_dn J2_dn^T between two outer-product layers, summed over draws first:
+    sum_n (sum_d g1_dn g2_dn^T) (x) (a1_n a2_n^T), a product over N rather than D N terms (in
+    chunks of examples to bound the memory), in layout order."""
+    (layer_1, inputs_1, gradients_1), (layer_2, inputs_2, gradients_2) = first, second
+    g_1, a_1, g_2, a_2 = gradients_1[:, :, 0], inputs_1[:, 0], gradients_2[:, :, 0], inputs_2[:, 0]
+    out_1, in_1, out_2, in_2 = g_1.shape[-1], a_1.shape[-1], g_2.shape[-1], a_2.shape[-1]
+    chunk = max(1, 2**22 // (out_1 * out_2 + in_1 * in_2))
+    total = 0
+    for start in range(0, a_1.shape[0], chunk):
+        part = slice(start, start + chunk)
+        outputs = torch.einsum("dno,dnp->nop", g_1[:, part], g_2[:, part]).flatten(1)
+        inputs = torch.einsum("ni,nj->nij", a_1[part], a_2[part]).flatten(1)
+        total = total + outputs.T @ inputs
+    matrix = total.view(out_1, out_2, in_1, in_2).permute(0, 2, 1, 3).reshape(out_1 * in_1, out_2 * in_2)
+    return matrix[layer_1.matrix_positions()][:, layer_2.matrix_positions()]
+
+
+def _mixed_block(first: Captured, per_example: torch.Tensor) -> torch.Tensor:
+    """sum_n sum_d J1_dn J2_dn^T between an outer-product layer and per-example gradients
+    (D, N, P2) of another: sum_n a1_n (x) (sum_d g1_dn J2_dn^T), again over N terms."""
+    layer, inputs, gradients = first
+    mixed = torch.einsum("dno,dnq->noq", gradients[:, :, 0], per_example)
+    matrix = (inputs[:, 0].T @ mixed.flatten(1)).unflatten(1, mixed.shape[1:]).transpose(0, 1).flatten(0, 1)
+    return matrix[layer.matrix_positions()]
 
 
 def _dense_statistics(layout: ParameterLayout, batch: CapturedBatch) -> dict:
-    total = 0
-    for draw in batch.draws:
-        per_example = torch.cat(
-            [layer.per_example_gradients(batch.inputs[name], draw[name]) for name, layer in layout.layers.items()], dim=1
-        )
-        total = total + per_example.T @ per_example
-    return {"dense": total}
+    """sum_n sum_d J_dn J_dn^T by blocks of layers (upper triangle, mirrored). With several draws,
+    blocks involving outer-product layers sum over the draws first (:func:`_outer_block`)."""
+    captured = [(layer, batch.inputs[name], batch.gradients[name]) for name, layer in layout.layers.items()]
+    several_draws = len(captured[0][2]) > 1
+    outer = [several_draws and _is_outer_product(layer, inputs) for layer, inputs, _ in captured]
+    per_example = [None if is_outer else _per_example(*item) for is_outer, item in zip(outer, captured)]
+    rows = [[None] * len(captured) for _ in captured]
+    for i in range(len(captured)):
+        for j in range(i, len(captured)):
+            if outer[i] and outer[j]:
+                rows[i][j] = _outer_block(captured[i], captured[j])
+            elif outer[i] or outer[j]:
+                k, other = (i, j) if outer[i] else (j, i)
+                block = _mixed_block(captured[k], per_example[other])
+                rows[i][j] = block if outer[i] else block.T
+            else:
+                rows[i][j] = per_example[i].flatten(0, 1).T @ per_example[j].flatten(0, 1)
+            rows[j][i] = rows[i][j].T
+    return {"dense": torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)}
 
 
 def _split_layers(layout: ParameterLayout) -> tuple[dict[str, KroneckerLayer], dict[str, Layer]]:
@@ -128,8 +195,8 @@ def _kfac_blocks(layout: ParameterLayout, batches: Iterable[CapturedBatch]) -> d
         inputs = {("A", name): batch.inputs[name].flatten(0, 1).T @ batch.inputs[name].flatten(0, 1) for name in kronecker}
         return {
             **inputs,
-            **_sum_over_draws(batch, kronecker, _output_factor, "G"),
-            **_sum_over_draws(batch, others, _diagonal, "diagonal"),
+            **_per_layer(batch, kronecker, _output_factor, "G"),
+            **_per_layer(batch, others, _diagonal, "diagonal"),
         }
 
     averages = _average(batches, statistics)
@@ -148,7 +215,7 @@ def _ekfac_blocks(kfac_blocks: dict[str, Block], batches: Iterable[CapturedBatch
         return second_moment(inputs @ eigen[layer.name].q_a, gradients @ eigen[layer.name].q_g)
 
     layers = {name: block.layer for name, block in eigen.items()}
-    scalings = _average(batches, lambda batch: _sum_over_draws(batch, layers, projected_second_moment, "scaling"))
+    scalings = _average(batches, lambda batch: _per_layer(batch, layers, projected_second_moment, "scaling"))
     rescaled = {name: EigenBlock(basis.layer, basis.q_g, basis.q_a, scalings["scaling", name]) for name, basis in eigen.items()}
     return {name: rescaled.get(name, block) for name, block in kfac_blocks.items()}
 
@@ -214,10 +281,10 @@ def fisher(
         dense = Dense(layout, _average(batches(), lambda batch: _dense_statistics(layout, batch))["dense"])
         return dense if representation == "dense" else LowRank.from_representation(dense, rank)
     if representation == "diagonal":
-        averages = _average(batches(), lambda batch: _sum_over_draws(batch, layout.layers, _diagonal, "diagonal"))
+        averages = _average(batches(), lambda batch: _per_layer(batch, layout.layers, _diagonal, "diagonal"))
         return Diagonal(layout, {name: DiagonalBlock(averages["diagonal", name]) for name in layout.layers})
     if representation == "block_diagonal":
-        averages = _average(batches(), lambda batch: _sum_over_draws(batch, layout.layers, _block, "block"))
+        averages = _average(batches(), lambda batch: _per_layer(batch, layout.layers, _block, "block"))
         return BlockDiagonal(layout, {name: DenseBlock(averages["block", name]) for name in layout.layers})
     kfac_blocks = _kfac_blocks(layout, batches())
     return KFAC(layout, kfac_blocks) if representation == "kfac" else EKFAC(layout, _ekfac_blocks(kfac_blocks, batches()))

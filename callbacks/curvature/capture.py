@@ -55,6 +55,29 @@ class LayerCapture:
 
         return record
 
+    def draw_gradients(self, outputs: torch.Tensor, draws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For each draw u_d of ``draws`` (D, N, O) (see :func:`output_gradient_draws`), each layer's
+        per-example output gradients of sum_n u_dn . outputs_n, with ``outputs`` (N, ...) the model
+        output flattened to O, stacked over draws: (D, N, ...) per layer. All draws go through one vmapped backward (``is_grads_batched``)
+        instead of D backward passes. The graph is kept for further calls."""
+        names = list(self._outputs)
+        layer_outputs = [self._outputs[name] for name in names]
+        cotangents = draws.reshape(len(draws), *outputs.shape)
+        if len(draws) == 1:
+            gradients = torch.autograd.grad(outputs, layer_outputs, cotangents[0], retain_graph=True, allow_unused=True)
+            gradients = [None if g is None else g.unsqueeze(0) for g in gradients]
+        else:
+            gradients = torch.autograd.grad(
+                outputs, layer_outputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        stacked = {}
+        for name, output, gradient in zip(names, layer_outputs, gradients):
+            if gradient is None:
+                gradient = output.new_zeros(len(draws), *output.shape)
+            captured = self.layout.layers[name].captured_output_gradients(gradient.flatten(0, 1))
+            stacked[name] = captured.unflatten(0, (len(draws), output.shape[0]))
+        return stacked
+
     def output_gradients(self, loss: torch.Tensor, reduction: str = "sum") -> dict[str, torch.Tensor]:
         """Gradients of the scalar ``loss`` with respect to each layer's output, as per-example
         gradients: with ``reduction="mean"`` (a loss averaged over the batch) they are multiplied

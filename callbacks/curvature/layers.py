@@ -2,9 +2,9 @@
 layer turns its captured inputs and output gradients into per-example gradients.
 
 Layer layout (the order of every flat vector and dense matrix in this package): layers in
-``model.named_modules()`` order, each layer's own parameters in ``named_parameters`` order and
-flattened row-major -- exactly ``torch.cat([p.reshape(-1) for p in model.parameters()])`` when
-every trainable parameter is covered. For Linear and Conv2d that is the weight as an
+``model.named_modules()`` order, each layer's own parameters in ``named_parameters`` order
+(reparametrized layers: see below) and flattened row-major -- exactly
+``torch.cat([p.reshape(-1) for p in model.parameters()])`` when every trainable parameter is covered. For Linear and Conv2d that is the weight as an
 (out, in) matrix row-major, then the bias.
 
 Kronecker layers (``nn.Linear``, and ``nn.Conv2d`` with ``groups=1`` and zero padding) expose
@@ -18,15 +18,29 @@ Every other module with parameters of its own (BatchNorm in eval mode, Embedding
 grouped convolutions, ...) is a diagonal layer: its per-example gradients come from a vmapped
 vector-Jacobian product of the module alone on its captured input, so it must map a batch of
 examples to one tensor of per-example outputs.
+
+Pruned and parametrized modules: the coordinates are always the tensors the module's forward
+uses (its *effective* ``weight``), named ``<module>.weight``, whatever holds them: a plain
+parameter, ``torch.nn.utils.prune``'s ``weight_orig`` times the buffer ``weight_mask``, or a
+``torch.nn.utils.parametrize`` parametrization of ``parametrizations.weight.original``. A
+reparametrized layer lists ``weight`` first and ``bias`` second (pruning re-registers the pruned
+parameter last). The trainable leaf that holds each tensor (what an optimiser steps on, and whose
+``.grad`` :meth:`PVector.from_model_grads` reads) is ``layer.parameters[name]``. Parametrizations
+must keep the tensor's shape and have a single ``original``; they are supported on Kronecker
+layers (whose statistics come from the captured inputs) but not by ``implicit`` Fishers or on
+diagonal layers, which would need the forward with the effective tensor substituted.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize, prune
 
 from framework.errors import UserInputError, check_choice
 
@@ -38,14 +52,95 @@ SUPPORTED = (
 UNSUPPORTED_TYPES = (nn.RNNBase, nn.MultiheadAttention)
 
 
-class Layer:
-    """A module and the trainable parameters it owns directly (full names as in the model)."""
+@dataclass(frozen=True)
+class LayerTensor:
+    """One tensor a module's forward uses (``module.<attribute>``) and the trainable leaf holding
+    it: the parameter itself (``storage="parameter"``), prune's ``<attribute>_orig``
+    (``"pruned"``: the forward uses it times the mask) or a parametrization's ``original``
+    (``"parametrized"``)."""
 
-    def __init__(self, name: str, module: nn.Module, parameters: dict[str, nn.Parameter]) -> None:
+    module_name: str
+    module: nn.Module
+    attribute: str
+    leaf: nn.Parameter
+    storage: str
+
+    @property
+    def name(self) -> str:
+        """The full name of the effective tensor, e.g. ``features.0.weight``."""
+        return f"{self.module_name}.{self.attribute}" if self.module_name else self.attribute
+
+    def value(self) -> torch.Tensor:
+        """The effective tensor now (recomputed, not the one cached by prune's last forward)."""
+        if self.storage == "pruned":
+            return self.leaf * getattr(self.module, f"{self.attribute}_mask")
+        return getattr(self.module, self.attribute)
+
+    def substitutes(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Entries for ``functional_call`` on the module that make its forward use ``value`` as
+        this tensor (under prune: ``value`` as the original and a mask of ones)."""
+        if self.storage == "parametrized":
+            raise UserInputError(
+                f"{self.name!r} is parametrized (torch.nn.utils.parametrize): its forward cannot be evaluated at a given "
+                f"effective tensor, so implicit Fishers and diagonal layers cannot cover it; supported: {SUPPORTED}"
+            )
+        if self.storage == "pruned":
+            return {f"{self.attribute}_orig": value, f"{self.attribute}_mask": torch.ones_like(value)}
+        return {self.attribute: value}
+
+
+def module_tensors(module_name: str, module: nn.Module) -> list[LayerTensor]:
+    """The trainable tensors ``module`` uses that it holds itself (not through a submodule), in
+    layout order (see the module docstring)."""
+    pruned = {hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
+    tensors = []
+    for p_name, p in module.named_parameters(recurse=False):
+        attribute = p_name.removesuffix("_orig")
+        if attribute in pruned:
+            tensors.append(LayerTensor(module_name, module, attribute, p, "pruned"))
+        else:
+            tensors.append(LayerTensor(module_name, module, p_name, p, "parameter"))
+    parametrized = module.parametrizations.items() if parametrize.is_parametrized(module) else ()
+    for attribute, parametrizations in parametrized:
+        tensor = LayerTensor(module_name, module, attribute, getattr(parametrizations, "original", None), "parametrized")
+        if tensor.leaf is None or tensor.leaf.shape != tensor.value().shape:
+            raise UserInputError(
+                f"{tensor.name!r}: a parametrization must keep the tensor's shape and have one 'original' to be covered "
+                f"by a Fisher (layers= can leave the module {module_name!r} out); supported: {SUPPORTED}"
+            )
+        tensors.append(tensor)
+    tensors = [t for t in tensors if t.leaf.requires_grad]
+    if any(t.storage != "parameter" for t in tensors):
+        order = {"weight": 0, "bias": 1}
+        tensors.sort(key=lambda t: order.get(t.attribute, 2))
+    return tensors
+
+
+@contextmanager
+def restored_pruned_tensors(tensors: Sequence[LayerTensor]) -> Iterator[None]:
+    """Put back the effective tensors that prune's forward pre-hook caches on the module, which a
+    ``functional_call`` with substituted tensors leaves behind."""
+    saved = [(t.module, t.attribute, getattr(t.module, t.attribute)) for t in tensors if t.storage == "pruned"]
+    try:
+        yield
+    finally:
+        for module, attribute, value in saved:
+            setattr(module, attribute, value)
+
+
+class Layer:
+    """A module and the trainable tensors it uses, held by itself (see :class:`LayerTensor`)."""
+
+    def __init__(self, name: str, module: nn.Module, tensors: list[LayerTensor]) -> None:
         self.name = name
         self.module = module
-        self.parameters = parameters
-        self.size = sum(p.numel() for p in parameters.values())
+        self.tensors = tensors
+        self.size = sum(t.leaf.numel() for t in tensors)
+
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable leaves (what an optimiser updates) by effective tensor name, in layout order."""
+        return {t.name: t.leaf for t in self.tensors}
 
     def captured_inputs(self, args: tuple, kwargs: dict) -> Any:
         """What the forward hook keeps of the module's inputs (detached)."""
@@ -55,30 +150,28 @@ class Layer:
         """The gradient with respect to the module's output, in the form this layer works with."""
         return gradients
 
-    def squared_gradients_sum(self, inputs: Any, output_gradients: torch.Tensor) -> torch.Tensor:
-        """sum_n of the squared per-example gradients (the unnormalised diagonal), shape (size,)."""
-        return self.per_example_gradients(inputs, output_gradients).square().sum(0)
-
     def per_example_gradients(self, inputs: Any, output_gradients: torch.Tensor) -> torch.Tensor:
         """Per-example gradients of this layer's parameters, shape (N, size), in layout order."""
         args, kwargs = inputs
-        params = {name.rsplit(".", 1)[-1]: p.detach() for name, p in self.parameters.items()}
+        values = {t.attribute: t.value().detach() for t in self.tensors}
         in_dims = tuple(0 if torch.is_tensor(a) else None for a in args)
 
         def contracted_output(p: dict[str, torch.Tensor], example_args: tuple, g: torch.Tensor) -> torch.Tensor:
             batched = tuple(a.unsqueeze(0) if torch.is_tensor(a) else a for a in example_args)
-            return (functional_call(self.module, p, batched, kwargs) * g.unsqueeze(0)).sum()
+            substituted = {key: v for t in self.tensors for key, v in t.substitutes(p[t.attribute]).items()}
+            return (functional_call(self.module, substituted, batched, kwargs) * g.unsqueeze(0)).sum()
 
-        gradients = vmap(grad(contracted_output), in_dims=(None, in_dims, 0))(params, args, output_gradients)
-        return torch.cat([gradients[name].flatten(1) for name in params], dim=1)
+        with restored_pruned_tensors(self.tensors):
+            gradients = vmap(grad(contracted_output), in_dims=(None, in_dims, 0))(values, args, output_gradients)
+        return torch.cat([gradients[name].flatten(1) for name in values], dim=1)
 
 
 class KroneckerLayer(Layer):
     """A layer whose per-example gradient is ``sum_t g_t a_t^T`` (see the module docstring)."""
 
-    def __init__(self, name: str, module: nn.Linear | nn.Conv2d, parameters: dict[str, nn.Parameter]) -> None:
-        super().__init__(name, module, parameters)
-        self.has_bias = module.bias is not None and module.bias.requires_grad
+    def __init__(self, name: str, module: nn.Linear | nn.Conv2d, tensors: list[LayerTensor]) -> None:
+        super().__init__(name, module, tensors)
+        self.has_bias = any(t.attribute == "bias" for t in tensors)
         self.out_features = module.weight.shape[0]
         self.in_features = module.weight[0].numel()
         self.in_augmented = self.in_features + int(self.has_bias)
@@ -101,22 +194,26 @@ class KroneckerLayer(Layer):
         weight = matrix[..., : self.in_features].flatten(-2)
         return torch.cat([weight, matrix[..., self.in_features]], dim=-1) if self.has_bias else weight
 
-    def per_example_gradients(self, inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
-        return self.from_matrix(torch.einsum("nto,nti->noi", output_gradients, inputs))
+    def matrix_positions(self) -> torch.Tensor:
+        """For each layout position, its index in the (out, in [+1]) matrix flattened row-major."""
+        return self.from_matrix(torch.arange(self.out_features * self.in_augmented).view(self.out_features, -1))
 
-    def squared_gradients_sum(self, inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
-        return self.from_matrix(second_moment(inputs, output_gradients))
+    def per_example_gradients(self, inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+        """Also for output gradients with leading draw dimensions (..., N, T, out): (..., N, size)."""
+        return self.from_matrix(torch.einsum("...nto,nti->...noi", output_gradients, inputs))
 
 
 def second_moment(inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
     """sum_n (dW_n)^2 of shape (out, in [+1]) for dW_n = sum_t g_nt a_nt^T, from inputs (N, T, in [+1])
-    and output gradients (N, T, out). With one position per example (Linear without weight sharing)
-    dW_n is the outer product g_n a_n^T, so this is (g^2)^T (a^2) and no per-example gradient is
-    formed; with several positions (Conv2d) each dW_n is a sum, formed before squaring. Applied
-    to ``a Q_A`` and ``g Q_G`` it is EKFAC's scaling in the eigenbasis (Q_G^T dW_n Q_A)^2."""
+    and output gradients (N, T, out), or (D, N, T, out) for D draws, also summed over. With one
+    position per example (Linear without weight sharing) dW_n is the outer product g_n a_n^T, so
+    this is (sum_d g_d^2)^T (a^2) and no per-example gradient is formed; with several positions
+    (Conv2d) each dW_n is a sum, formed before squaring. Applied to ``a Q_A`` and ``g Q_G`` it is
+    EKFAC's scaling in the eigenbasis (Q_G^T dW_n Q_A)^2."""
+    draws = output_gradients if output_gradients.dim() == 4 else output_gradients[None]
     if inputs.shape[1] == 1:
-        return output_gradients[:, 0].square().T @ inputs[:, 0].square()
-    return torch.einsum("nto,nti->noi", output_gradients, inputs).square().sum(0)
+        return draws[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
+    return torch.einsum("dnto,nti->dnoi", draws, inputs).square().sum((0, 1))
 
 
 class LinearLayer(KroneckerLayer):
@@ -145,32 +242,40 @@ class Conv2dLayer(KroneckerLayer):
 
 def has_kronecker_form(module: nn.Module) -> bool:
     """Whether ``module`` is a Kronecker layer: ``nn.Linear``, or ``nn.Conv2d`` with groups=1 and
-    zero padding, with a trainable weight."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)) or not module.weight.requires_grad:
+    zero padding, with a trainable weight (also when pruned or parametrized)."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    if not any(t.attribute == "weight" for t in module_tensors("", module)):
         return False
     return isinstance(module, nn.Linear) or (module.groups == 1 and module.padding_mode == "zeros")
 
 
-def _layer(name: str, module: nn.Module, parameters: dict[str, nn.Parameter]) -> Layer:
+def _layer(name: str, module: nn.Module, tensors: list[LayerTensor]) -> Layer:
     if isinstance(module, UNSUPPORTED_TYPES):
         raise UserInputError(f"layer {name!r} of type {type(module).__name__} cannot be handled; supported: {SUPPORTED}")
     if not has_kronecker_form(module):
-        return Layer(name, module, parameters)
-    return LinearLayer(name, module, parameters) if isinstance(module, nn.Linear) else Conv2dLayer(name, module, parameters)
+        for tensor in tensors:  # refuse at construction what per_example_gradients cannot evaluate
+            tensor.substitutes(tensor.value())
+        return Layer(name, module, tensors)
+    return LinearLayer(name, module, tensors) if isinstance(module, nn.Linear) else Conv2dLayer(name, module, tensors)
+
+
+def _parametrization_modules(model: nn.Module) -> set[str]:
+    """Names of the modules that implement parametrizations (not layers of the model)."""
+    containers = [
+        f"{name}.parametrizations" if name else "parametrizations"
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+    ]
+    return {name for name, _ in model.named_modules() if any(name == c or name.startswith(c + ".") for c in containers)}
 
 
 class ParameterLayout:
     """The layers a Fisher covers, in layout order (see the module docstring)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
-        owned = {
-            name: {
-                f"{name}.{p_name}" if name else p_name: p
-                for p_name, p in module.named_parameters(recurse=False)
-                if p.requires_grad
-            }
-            for name, module in model.named_modules()
-        }
+        internal = _parametrization_modules(model)
+        owned = {name: module_tensors(name, module) for name, module in model.named_modules() if name not in internal}
         if layers is None:
             layers = [name for name, params in owned.items() if params]
         for name in layers:
@@ -188,9 +293,13 @@ class ParameterLayout:
         }
         self.size = sum(layer.size for layer in self.layers.values())
 
+    def tensors(self) -> list[LayerTensor]:
+        """The covered tensors in layout order."""
+        return [t for layer in self.layers.values() for t in layer.tensors]
+
     def parameters(self) -> dict[str, nn.Parameter]:
-        """The covered parameters by full name, in layout order."""
-        return {name: p for layer in self.layers.values() for name, p in layer.parameters.items()}
+        """The trainable leaves by effective tensor name, in layout order (see the module docstring)."""
+        return {t.name: t.leaf for t in self.tensors()}
 
     def check_examples_independent(self) -> None:
         """Refuse BatchNorm in training mode: it mixes examples, so per-example gradients do not exist."""

@@ -19,13 +19,27 @@ micro-batches of an accumulated step, all ranks), divided by their number of exa
 - every ``scale_every`` steps (never if None: KFAC) the scaling is running-averaged towards the
   second moment of per-example gradients projected in the eigenbasis;
 - the direction is ``Q_G [(Q_G^T dW Q_A) / (scaling + damping)] Q_A^T`` of dW = grad + weight
-  decay * parameter, then momentum and the learning rate as in SGD.
+  decay * parameter, then momentum and the learning rate as in SGD;
+- every ``adapt_damping_every`` steps (never if None: fixed damping) the damping follows the
+  Levenberg-Marquardt rule of Martens & Grosse (2015, section 6.5): after the step delta, the
+  closure re-evaluates the loss on the same batch and rho = (loss(theta + delta) - loss(theta)) /
+  (g.delta + 1/2 delta^T F delta) compares the actual change with the one the quadratic model
+  predicts (g the loss gradient, F the EKFAC curvature of the preconditioned layers, none for the
+  others); rho < 1/4 divides the damping by ``damping_factor``, rho > 3/4 multiplies it by
+  ``damping_factor``, within [``min_damping``, ``max_damping``]. Losses are averaged over ranks,
+  so every rank takes the same decision.
+
+With ``distribute_eigen`` under DDP each layer's eigendecomposition is computed by one rank (layers
+dealt out by cost, largest first, to the least loaded rank) and broadcast from it; every rank makes
+the same broadcasts, and the factors are identical on all ranks, so the result equals the
+undistributed one.
 
 Every other parameter (BatchNorm, embeddings, grouped convolutions, ...) takes a plain SGD step
 with the same learning rate, momentum and weight decay: BatchNorm in training mode mixes the
 examples of a batch, so it has no per-example gradients to build a curvature from.
 """
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -73,6 +87,19 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+_Eigen = tuple[torch.Tensor, torch.Tensor]  # eigenvalues, eigenvectors (columns)
+
+
+def _projected_second_moment(inputs: torch.Tensor, gradients: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
+    """sum_n (Q_G^T dW_n Q_A)^2 for dW_n = sum_t g_nt a_nt^T, in the cheaper order: projecting the
+    T positions (T (in^2 + out^2) per example) for Linear layers, projecting the per-example
+    gradients (out in (in + out) per example) when T exceeds out, as in convolutions."""
+    if inputs.shape[1] <= gradients.shape[2]:
+        return second_moment(inputs @ q_a, gradients @ q_g)
+    per_example = torch.einsum("nto,nti->noi", gradients, inputs)
+    return (q_g.T @ per_example @ q_a).square().sum(0)
+
+
 class EKFAC(Optimizer):
     """EKFAC (``scale_every`` an integer) or KFAC (``scale_every=None``); see the module docstring.
 
@@ -88,6 +115,13 @@ class EKFAC(Optimizer):
             the step's predicted KL divergence (Ba et al. 2017); None: no clipping.
         jitter: diagonal shift, relative to the factor's mean diagonal, for the float64 retry of
             a failed eigendecomposition.
+        adapt_damping_every: adapt the damping every this many steps (Levenberg-Marquardt, see
+            the module docstring; needs ``step(closure)``, which Lightning always passes); None:
+            fixed damping. Costs one more forward and backward of the batch on those steps.
+        damping_factor: the multiplier in (0, 1) of an adaptation.
+        min_damping, max_damping: the range the adapted damping stays in.
+        distribute_eigen: under DDP, compute each layer's eigendecomposition on one rank and
+            broadcast it (see the module docstring).
 
     Needs :class:`FisherStatistics` (or the :class:`EKFACStatistics` callback) to attach it to
     the model before its first step.
@@ -106,6 +140,11 @@ class EKFAC(Optimizer):
         scale_every: int | None = 1,
         kl_clip: float | None = None,
         jitter: float = 1e-6,
+        adapt_damping_every: int | None = None,
+        damping_factor: float = 0.75,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e3,
+        distribute_eigen: bool = False,
     ) -> None:
         check_positive("lr", lr)
         check_positive("damping", damping)
@@ -118,6 +157,13 @@ class EKFAC(Optimizer):
         _check_frequency("stats_every", stats_every)
         _check_frequency("eigen_every", eigen_every)
         _check_frequency("scale_every", scale_every, allow_none=True)
+        _check_frequency("adapt_damping_every", adapt_damping_every, allow_none=True)
+        if not 0.0 < damping_factor < 1.0:
+            raise UserInputError(f"damping_factor={damping_factor!r} must be in (0, 1)")
+        if not 0.0 < min_damping <= damping <= max_damping:
+            raise UserInputError(
+                f"damping={damping!r} must lie in [min_damping, max_damping] = [{min_damping!r}, {max_damping!r}], min_damping > 0"
+            )
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.damping = damping
         self.decay = decay
@@ -126,7 +172,15 @@ class EKFAC(Optimizer):
         self.scale_every = scale_every
         self.kl_clip = kl_clip
         self.jitter = jitter
+        self.adapt_damping_every = adapt_damping_every
+        self.damping_factor = damping_factor
+        self.min_damping, self.max_damping = min_damping, max_damping
+        self.distribute_eigen = distribute_eigen
+        # What the closure's loss is multiplied by to give the loss whose gradient the step
+        # uses: Lightning divides it by accumulate_grad_batches (set by EKFACStatistics).
+        self.closure_loss_scale = 1
         self.steps = 0
+        self._evaluating = False
         self.layers: dict[str, KroneckerLayer] | None = None
         self._pending: list[CapturedBatch] = []
         self._metrics: dict[str, float] = {}
@@ -145,7 +199,7 @@ class EKFAC(Optimizer):
 
     def wants_statistics(self) -> bool:
         """Whether the coming step updates the factors or the scaling, i.e. needs recorded batches."""
-        return self._due(self.stats_every) or self._due(self.scale_every)
+        return not self._evaluating and (self._due(self.stats_every) or self._due(self.scale_every))
 
     def add_statistics(self, batch: CapturedBatch) -> None:
         """Keep one recorded batch (layer inputs and output-gradient draws, as captured by
@@ -162,14 +216,24 @@ class EKFAC(Optimizer):
         metrics, self._metrics = self._metrics, {}
         return metrics
 
+    def spectra(self) -> dict[str, torch.Tensor]:
+        """Per preconditioned layer, log10 of its damped scaling (the numbers the projected
+        gradient is divided by: eigenvalues of the curvature plus the damping), flattened."""
+        return {
+            name: torch.log10(self._layer_state(layer)["scaling"] + self.damping).flatten()
+            for name, layer in (self.layers or {}).items()
+            if "scaling" in self._layer_state(layer)
+        }
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["counters"] = {"steps": self.steps}
+        state["counters"] = {"steps": self.steps, "damping": self.damping}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self.steps = state_dict.pop("counters")["steps"]
+        counters = state_dict.pop("counters")
+        self.steps, self.damping = counters["steps"], counters["damping"]
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
@@ -181,9 +245,17 @@ class EKFAC(Optimizer):
                 loss = closure()
         if self.layers is None:
             raise UserInputError("EKFAC is not attached to a model: use FisherStatistics(model, optimizer) first")
+        adapting = self._due(self.adapt_damping_every)
+        if adapting and closure is None:
+            raise UserInputError(
+                "adapt_damping_every is set, so EKFAC.step needs a closure that re-evaluates the loss (Lightning's automatic "
+                "optimisation passes one; fp16 with a GradScaler does not: use bf16-mixed or fixed damping)"
+            )
         self._update_curvature()
         self._pending.clear()
-        self._apply(self._directions())
+        updates = self._apply(self._directions())
+        if adapting and loss is not None:
+            self._adapt_damping(closure, loss, updates)
         self.steps += 1
         return loss
 
@@ -228,7 +300,7 @@ class EKFAC(Optimizer):
         if recorded and self._due(self.scale_every):
             projected = {
                 name: sum(
-                    second_moment(a @ self._layer_state(layer)["input_basis"], g @ self._layer_state(layer)["output_basis"])
+                    _projected_second_moment(a, g, self._layer_state(layer)["input_basis"], self._layer_state(layer)["output_basis"])
                     for a, g in self._recorded(name)
                 )
                 for name, layer in recorded.items()
@@ -239,20 +311,72 @@ class EKFAC(Optimizer):
     def _eigendecompose(self) -> None:
         started = time.perf_counter()
         for name, layer in self.layers.items():
-            state = self._layer_state(layer)
-            if "input_factor" not in state:
+            if "input_factor" not in self._layer_state(layer):
                 raise UserInputError(
                     f"EKFAC has no curvature statistics for layer {name!r} at step {self.steps}: record the forward "
                     "pass with FisherStatistics.record (or use the EKFACStatistics callback)"
                 )
-            values_a, state["input_basis"] = self._eigh(state["input_factor"], name, "input")
-            values_g, state["output_basis"] = self._eigh(state["output_factor"], name, "output-gradient")
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distribute_eigen and distributed:
+            results = self._eigendecompose_spread(dist.get_world_size(), dist.get_rank())
+        else:
+            results = {name: self._eigendecompose_layer(layer) for name, layer in self.layers.items()}
+        for name, layer in self.layers.items():
+            state = self._layer_state(layer)
+            for which, key, result in (("input", "input_factor", results[name][0]), ("output-gradient", "output_factor", results[name][1])):
+                if result is None:
+                    problem = "has non-finite entries" if not _finite(state[key]) else "could not be eigendecomposed"
+                    raise CurvatureError(
+                        f"EKFAC: the {which} factor of layer {name!r} {problem} at step {self.steps}, also in float64 with "
+                        f"jitter {self.jitter}; lower the learning rate or raise the damping"
+                    )
+            (values_a, state["input_basis"]), (values_g, state["output_basis"]) = results[name]
             state["scaling"] = torch.outer(values_g, values_a)
         self._metrics["ekfac/eigen_seconds"] = time.perf_counter() - started
 
-    def _eigh(self, factor: torch.Tensor, layer: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (clamped at 0) and eigenvectors; on failure or non-finite output, retried in
-        float64 with a diagonal jitter, then an error naming the layer and the step."""
+    def _eigendecompose_layer(self, layer: KroneckerLayer) -> tuple[_Eigen | None, _Eigen | None]:
+        state = self._layer_state(layer)
+        return self._eigh(state["input_factor"]), self._eigh(state["output_factor"])
+
+    def _eigendecompose_spread(self, world: int, rank: int) -> dict[str, tuple[_Eigen | None, _Eigen | None]]:
+        """Each layer eigendecomposed by its owner rank, then broadcast from it: one broadcast per
+        rank that owns layers, the same calls on every rank. A failure travels as a flag, so every
+        rank raises the same error."""
+        sizes = {name: (layer.in_augmented, layer.out_features) for name, layer in self.layers.items()}
+        load, owners = [0] * world, {}
+        for name in sorted(sizes, key=lambda n: -(sizes[n][0] ** 3 + sizes[n][1] ** 3)):
+            owners[name] = owner = load.index(min(load))
+            load[owner] += sizes[name][0] ** 3 + sizes[name][1] ** 3
+        reference = self._layer_state(next(iter(self.layers.values())))["input_factor"]
+        results = {}
+        for source in range(world):
+            owned = [name for name in self.layers if owners[name] == source]
+            if not owned:
+                continue
+            shapes = [(n, n * n + n + 1) for name in owned for n in sizes[name]]
+            if source == rank:
+                parts = []
+                for name in owned:
+                    for result, n in zip(self._eigendecompose_layer(self.layers[name]), sizes[name]):
+                        ok = result is not None
+                        values, vectors = result if ok else (reference.new_zeros(n), reference.new_zeros(n, n))
+                        parts += [reference.new_tensor([float(ok)]), values, vectors.reshape(-1)]
+                buffer = torch.cat(parts)
+            else:
+                buffer = reference.new_empty(sum(size for _, size in shapes))
+            dist.broadcast(buffer, src=source)
+            chunks = iter(buffer.split([size for _, size in shapes]))
+            for name in owned:
+                pair = []
+                for n in sizes[name]:
+                    flag, values, vectors = next(chunks).split([1, n, n * n])
+                    pair.append((values, vectors.view(n, n)) if flag.item() == 1.0 else None)
+                results[name] = tuple(pair)
+        return results
+
+    def _eigh(self, factor: torch.Tensor) -> _Eigen | None:
+        """Eigenvalues (clamped at 0) and eigenvectors; on failure or non-finite output retried in
+        float64 with a diagonal jitter; None if that fails too."""
         shift = factor.diagonal().abs().mean().double() * self.jitter
         jittered = factor.double() + shift * torch.eye(len(factor), dtype=torch.float64, device=factor.device)
         for matrix in (factor, jittered):
@@ -262,11 +386,7 @@ class EKFAC(Optimizer):
                 continue
             if _finite(values, vectors):
                 return values.clamp_min(0).to(factor.dtype), vectors.to(factor.dtype)
-        problem = "has non-finite entries" if not _finite(factor) else "could not be eigendecomposed"
-        raise CurvatureError(
-            f"EKFAC: the {which} factor of layer {layer!r} {problem} at step {self.steps}, also in float64 with "
-            f"jitter {self.jitter}; lower the learning rate or raise the damping"
-        )
+        return None
 
     def _directions(self) -> dict[torch.Tensor, torch.Tensor]:
         """grad + weight decay * parameter for every parameter with a gradient, preconditioned
@@ -310,8 +430,50 @@ class EKFAC(Optimizer):
             self._metrics["ekfac/preconditioned_to_raw_norm"] = (preconditioned_squared / raw_squared) ** 0.5
         return directions
 
-    def _apply(self, directions: dict[torch.Tensor, torch.Tensor]) -> None:
-        """Momentum and learning rate, as ``torch.optim.SGD`` does them."""
+    def _predicted_change(self, updates: dict[torch.Tensor, tuple[torch.Tensor, float]]) -> float:
+        """The change of the loss the quadratic model predicts for the step just taken,
+        g.delta + 1/2 delta^T F delta, with g the loss gradient (``.grad``) and F the curvature of
+        the preconditioned layers (other parameters contribute g.delta only)."""
+        steps = {p: direction * -lr for p, (direction, lr) in updates.items()}
+        change = sum(torch.dot(p.grad.flatten(), delta.flatten()) for p, delta in steps.items() if p.grad is not None)
+        for layer in self.layers.values():
+            params = list(layer.parameters.values())
+            if not any(p in steps for p in params):
+                continue
+            state = self._layer_state(layer)
+            delta = layer.to_matrix(torch.cat([steps.get(p, torch.zeros_like(p)).reshape(-1) for p in params]))
+            projected = state["output_basis"].T @ delta @ state["input_basis"]
+            change = change + 0.5 * (state["scaling"] * projected.square()).sum()
+        return float(change)
+
+    def _adapt_damping(
+        self, closure: Callable[[], torch.Tensor], loss: torch.Tensor, updates: dict[torch.Tensor, tuple[torch.Tensor, float]]
+    ) -> None:
+        """Levenberg-Marquardt: compare the actual change of the loss on this batch with the
+        predicted one and scale the damping (see the module docstring)."""
+        predicted = self._predicted_change(updates)
+        self._evaluating = True
+        try:
+            with torch.enable_grad():
+                new_loss = closure()
+        finally:
+            self._evaluating = False
+        losses = torch.stack([torch.as_tensor(loss).detach().double().cpu(), torch.as_tensor(new_loss).detach().double().cpu()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.param_groups[0]["params"][0].device
+            losses = _all_reduce_sum([losses.to(device)])[0].cpu() / dist.get_world_size()
+        actual = float(losses[1] - losses[0]) * self.closure_loss_scale
+        ratio = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
+        if ratio < 0.25:
+            self.damping = min(self.damping / self.damping_factor, self.max_damping)
+        elif ratio > 0.75:
+            self.damping = max(self.damping * self.damping_factor, self.min_damping)
+        self._metrics["ekfac/reduction_ratio"] = ratio
+
+    def _apply(self, directions: dict[torch.Tensor, torch.Tensor]) -> dict[torch.Tensor, tuple[torch.Tensor, float]]:
+        """Momentum and learning rate, as ``torch.optim.SGD`` does them; returns the step
+        direction and learning rate of each parameter (it moved by -lr times the direction)."""
+        applied = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in directions:
@@ -325,6 +487,8 @@ class EKFAC(Optimizer):
                         state["momentum_buffer"].mul_(group["momentum"]).add_(direction)
                     direction = state["momentum_buffer"]
                 p.add_(direction, alpha=-group["lr"])
+                applied[p] = (direction, group["lr"])
+        return applied
 
 
 class FisherStatistics:

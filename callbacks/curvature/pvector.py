@@ -6,8 +6,10 @@ from callbacks.curvature.layers import ParameterLayout
 
 
 class PVector:
-    """A parameter-space vector: ``tensors[layer_name]`` is that layer's flat part (its
-    parameters in ``named_parameters`` order, each flattened row-major)."""
+    """A parameter-space vector: ``tensors[layer_name]`` is that layer's flat part (its tensors
+    in layout order, each flattened row-major; see :mod:`callbacks.curvature.layers`). Shaped
+    tensors are keyed by effective tensor name (``0.weight``, also for a pruned or parametrized
+    module); ``layout.parameters()[name]`` is the trainable leaf holding each one."""
 
     def __init__(self, layout: ParameterLayout, tensors: dict[str, torch.Tensor]) -> None:
         self.layout = layout
@@ -21,23 +23,21 @@ class PVector:
 
     @classmethod
     def from_parameters(cls, layout: ParameterLayout, parameters: dict[str, torch.Tensor]) -> "PVector":
-        """From tensors shaped like the parameters, keyed by full parameter name."""
+        """From tensors shaped like the parameters, keyed by effective tensor name."""
         return cls(
             layout,
-            {
-                name: torch.cat([parameters[p_name].reshape(-1) for p_name in layer.parameters])
-                for name, layer in layout.layers.items()
-            },
+            {name: torch.cat([parameters[t.name].reshape(-1) for t in layer.tensors]) for name, layer in layout.layers.items()},
         )
 
     @classmethod
     def from_model(cls, layout: ParameterLayout) -> "PVector":
-        """The current parameter values (detached copies)."""
-        return cls.from_parameters(layout, {name: p.detach().clone() for name, p in layout.parameters().items()})
+        """The current effective values (detached copies; a pruned weight with its zeros)."""
+        return cls.from_parameters(layout, {t.name: t.value().detach().clone() for t in layout.tensors()})
 
     @classmethod
     def from_model_grads(cls, layout: ParameterLayout) -> "PVector":
-        """The parameters' ``.grad`` (zeros where there is none)."""
+        """The trainable leaves' ``.grad`` (zeros where there is none): for a pruned weight the
+        gradient of ``weight_orig``, i.e. the masked gradient."""
         gradients = {
             name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for name, p in layout.parameters().items()
         }
@@ -47,12 +47,11 @@ class PVector:
         return torch.cat([self.tensors[name] for name in self.layout.layers])
 
     def to_parameters(self) -> dict[str, torch.Tensor]:
-        """Tensors shaped like the parameters, keyed by full parameter name."""
+        """Tensors shaped like the parameters, keyed by effective tensor name, in layout order."""
         shaped = {}
         for name, layer in self.layout.layers.items():
-            sizes = [p.numel() for p in layer.parameters.values()]
-            for (p_name, p), part in zip(layer.parameters.items(), self.tensors[name].split(sizes)):
-                shaped[p_name] = part.reshape(p.shape)
+            parts = self.tensors[name].split([t.leaf.numel() for t in layer.tensors])
+            shaped.update({t.name: part.view(t.leaf.shape) for t, part in zip(layer.tensors, parts)})
         return shaped
 
     def _combine(self, other: "PVector", operation) -> "PVector":

@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call, jvp, vjp
 
 from callbacks.curvature.blocks import Block, DenseBlock
-from callbacks.curvature.layers import ParameterLayout
+from callbacks.curvature.layers import ParameterLayout, restored_pruned_tensors
 from callbacks.curvature.pvector import PVector
 from framework.errors import UserInputError, check_positive
 
@@ -227,7 +227,9 @@ class Implicit(FisherRepresentation):
     ) -> None:
         super().__init__(layout)
         check_positive("cg_tolerance", cg_tolerance)
-        self.parameters = {name: p.detach().clone() for name, p in layout.parameters().items()}
+        self.parameters = {t.name: t.value().detach().clone() for t in layout.tensors()}
+        for tensor in layout.tensors():  # refuse at construction what mv cannot evaluate
+            tensor.substitutes(self.parameters[tensor.name])
         self.batches = batches
         self.examples = sum(inputs.shape[0] for inputs, _ in batches)
         self.cg_tolerance = cg_tolerance
@@ -236,15 +238,22 @@ class Implicit(FisherRepresentation):
     def mv(self, v: PVector) -> PVector:
         tangent = v.to_parameters()
         total = torch.zeros_like(v.flatten())
+        tensors = self.layout.tensors()
         for inputs, draws in self.batches:
 
-            def outputs(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
-                return functional_call(self.layout.model, parameters, (inputs,)).flatten(1)
+            def outputs(values: dict[str, torch.Tensor]) -> torch.Tensor:
+                substituted = {
+                    f"{t.module_name}.{key}" if t.module_name else key: value
+                    for t in tensors
+                    for key, value in t.substitutes(values[t.name]).items()
+                }
+                return functional_call(self.layout.model, substituted, (inputs,)).flatten(1)
 
-            _, jacobian_v = jvp(outputs, (self.parameters,), (tangent,))
-            cotangent = torch.einsum("dno,dn->no", draws, torch.einsum("dno,no->dn", draws, jacobian_v))
-            _, pullback = vjp(outputs, self.parameters)
-            total += PVector.from_parameters(self.layout, pullback(cotangent)[0]).flatten()
+            with restored_pruned_tensors(tensors):
+                _, jacobian_v = jvp(outputs, (self.parameters,), (tangent,))
+                cotangent = torch.einsum("dno,dn->no", draws, torch.einsum("dno,no->dn", draws, jacobian_v))
+                _, pullback = vjp(outputs, self.parameters)
+                total += PVector.from_parameters(self.layout, pullback(cotangent)[0]).flatten()
         return PVector.from_flat(self.layout, total / self.examples)
 
     def _solve(self, v: PVector, damping: float) -> PVector:

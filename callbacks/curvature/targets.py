@@ -4,7 +4,8 @@ The Fisher of a model p(y|x) on inputs x_1..x_N is
 
     F = (1/N) sum_n E_{y ~ p(y|x_n)} [g g^T],   g = d(-log p(y|x_n))/d theta  (one example),
 
-``exact`` takes the expectation in closed form (all classes weighted by the model's softmax; for
+``exact`` takes the expectation in closed form (all classes weighted by the model's softmax, as
+C - 1 draws spanning the same covariance; for
 regression a Gaussian with identity covariance, where F is the Gauss-Newton matrix J^T J / N),
 ``mc`` replaces it by the mean over ``samples`` targets drawn from the model, and ``empirical``
 uses the observed label (the "empirical Fisher", not a Fisher of the model).
@@ -22,6 +23,28 @@ from framework.errors import UserInputError, check_choice, check_positive
 
 FISHER_TYPES = ("exact", "mc", "empirical")
 TASKS = ("classification", "regression")
+
+
+def _softmax_covariance_factor(p: torch.Tensor) -> torch.Tensor:
+    """Draws (C - 1, N, C) with sum_d u_dn u_dn^T = diag(p_n) - p_n p_n^T, the exact expectation.
+
+    The C vectors u_c = sqrt(p_c) (p - e_c) (class c weighted by its probability) satisfy
+    sum_c sqrt(p_c) u_c = 0, so they span C - 1 dimensions. With s = sqrt(p), a unit vector, and the
+    Householder reflection H mapping s to e_k, U U^T = (U H)(I - e_k e_k^T)(U H)^T, so the columns
+    c != k of U H, u_c + u_k s_c / (1 - s_k), are C - 1 draws giving the same sum: one backward
+    draw fewer than the classes. k is each example's least likely class (s_k <= 1/sqrt(C), so the
+    division is well conditioned)."""
+    classes = p.shape[1]
+    if classes == 1:  # one class: the Fisher is zero
+        return p.new_zeros(1, *p.shape)
+    s = p.sqrt()
+    k = p.argmin(dim=1, keepdim=True)  # (N, 1)
+    others = torch.arange(classes - 1, device=p.device)[None] + (torch.arange(classes - 1, device=p.device)[None] >= k).long()
+    s_k = s.gather(1, k)
+    u_k = s_k * p - s_k * F.one_hot(k[:, 0], classes).to(p.dtype)  # (N, C)
+    s_c = s.gather(1, others)  # (N, C - 1)
+    u_c = s_c[:, :, None] * (p[:, None, :] - F.one_hot(others, classes).to(p.dtype))  # (N, C - 1, C)
+    return (u_c + (s_c / (1 - s_k))[:, :, None] * u_k[:, None, :]).transpose(0, 1)
 
 
 def output_gradient_draws(
@@ -54,8 +77,7 @@ def output_gradient_draws(
         raise UserInputError(f"classification needs logits of shape (N, classes), got {tuple(outputs.shape)}")
     probabilities = z.softmax(dim=1)
     if fisher_type == "exact":
-        classes = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-        return probabilities.T.sqrt()[:, :, None] * (probabilities[None] - classes[:, None, :])
+        return _softmax_covariance_factor(probabilities)
     if fisher_type == "empirical":
         labels = targets[None]
     else:

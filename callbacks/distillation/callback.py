@@ -7,10 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
+from callbacks.distillation.images import attention_grid, spatial_attention
 from callbacks.distillation.losses import at_loss, kd_loss
 from framework.errors import DataFileError, UserInputError, check_positive
 
@@ -36,9 +40,13 @@ class Distillation(Callback):
     ``named_modules()``, the same in teacher and student). ``alpha = 0`` gives AT alone and
     ``layers = ()`` KD alone. The teacher stays in eval mode without gradients, outside the
     LightningModule (so it is neither optimised nor checkpointed), on the student's device.
-    Logs ``distill/kd_loss`` and ``distill/at_loss/<layer>`` every step. (Attention-map images
-    are not logged: ``wandb.Image`` needs Pillow, which is not a dependency.) A resumed run
-    equals the uninterrupted one when the teacher is the same, i.e. loaded from a checkpoint.
+    Logs ``distill/kd_loss`` and ``distill/at_loss/<layer>`` every step and, every
+    ``image_every_n_steps`` global steps from step 0 (before that step's update), to each logger
+    that can show images (``log_image``, e.g. W&B; rank zero only), ``distill/attention/<layer>``:
+    a grid of ``num_probe_images`` fixed training examples (chosen with ``probe_seed``), each
+    row the input, the teacher's and the student's attention map (both networks in eval mode for
+    the picture, modes restored after). A resumed run equals the uninterrupted one when the
+    teacher is the same, i.e. loaded from a checkpoint; the image schedule is checkpointed.
 
     Args:
         teacher: the teacher network (e.g. a WideResNet from the config).
@@ -47,6 +55,9 @@ class Distillation(Callback):
         temperature: T of KD.
         alpha: weight of KD against the task loss, in [0, 1].
         beta: weight of AT (the loss is ``beta / 2`` times the sum over layers).
+        image_every_n_steps: interval in global steps of the attention-map images; 0: none.
+        num_probe_images: examples (rows) in each attention-map image.
+        probe_seed: seeds the choice of those examples.
     """
 
     def __init__(
@@ -57,9 +68,14 @@ class Distillation(Callback):
         temperature: float = 4.0,
         alpha: float = 0.9,
         beta: float = 1e3,
+        image_every_n_steps: int = 200,
+        num_probe_images: int = 4,
+        probe_seed: int = 0,
     ) -> None:
         check_positive("temperature", temperature)
         check_positive("beta", beta, allow_zero=True)
+        check_positive("image_every_n_steps", image_every_n_steps, allow_zero=True)
+        check_positive("num_probe_images", num_probe_images)
         if not 0.0 <= alpha <= 1.0:
             raise UserInputError(f"alpha={alpha} must be in [0, 1]")
         if teacher_checkpoint is not None:
@@ -67,6 +83,15 @@ class Distillation(Callback):
         self.teacher = teacher.eval().requires_grad_(False)
         self.layers = list(layers)
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.image_every_n_steps, self.num_probe_images, self.probe_seed = image_every_n_steps, num_probe_images, probe_seed
+        self.next_image_step = 0
+        self.probe: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_image_step": self.next_image_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_image_step = state_dict["next_image_step"]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = pl_module.backbone
@@ -79,6 +104,53 @@ class Distillation(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         vars(pl_module).pop("training_step", None)  # back to the class's own training_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.layers and self.image_every_n_steps:
+            self._probe(trainer, pl_module)  # on every rank, so every rank's state is the same
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.layers or not self.image_every_n_steps or step < self.next_image_step:
+            return
+        self.next_image_step = (step // self.image_every_n_steps + 1) * self.image_every_n_steps
+        probe = self._probe(trainer, pl_module)
+        image_loggers = [logger for logger in trainer.loggers if hasattr(logger, "log_image")]
+        if not (trainer.is_global_zero and image_loggers):
+            return
+        grids = self.attention_images(probe, pl_module.backbone)
+        for layer, grid in grids.items():
+            caption = f"rows: {len(self.probe)} training examples; columns: input, teacher, student attention at {layer}"
+            for logger in image_loggers:
+                logger.log_image(key=f"distill/attention/{layer}", images=[grid], step=step, caption=[caption])
+
+    def attention_images(self, inputs: torch.Tensor, student: nn.Module) -> dict[str, np.ndarray]:
+        """For each transferred layer, the :func:`attention_grid` of ``inputs`` (input, teacher,
+        student), both networks run in eval mode without gradients; modes are restored."""
+        captures = ForwardCapture(student, self.layers), ForwardCapture(self.teacher, self.layers)
+        modes = {module: module.training for module in student.modules()}
+        student.eval()
+        try:
+            with torch.no_grad():
+                for capture, network in zip(captures, (student, self.teacher)):
+                    with capture:
+                        network(inputs)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        student_maps, teacher_maps = ({layer: spatial_attention(capture.activations[layer]) for layer in self.layers} for capture in captures)
+        return {layer: attention_grid(inputs, teacher_maps[layer], student_maps[layer]) for layer in self.layers}
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """``num_probe_images`` inputs of the training dataset chosen with ``probe_seed``, on
+        the model's device; built once."""
+        if self.probe is None:
+            loader = trainer.train_dataloader
+            dataset = loader.dataset
+            count = min(self.num_probe_images, len(dataset))
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.probe_seed))[:count]
+            self.probe = next(iter(DataLoader(Subset(dataset, chosen.tolist()), batch_size=count, collate_fn=loader.collate_fn)))[0]
+        return move_data_to_device(self.probe, pl_module.device)
 
     def _distilled_step(self, pl_module: L.LightningModule, training_step: Callable, batch: Any, batch_idx: int) -> Any:
         student_outputs, teacher_outputs = ForwardCapture(pl_module.backbone, self.layers), ForwardCapture(self.teacher, self.layers)

@@ -19,7 +19,9 @@ by ``implementation="auto"`` or by name:
   batched backward pass per chunk give both factors; the Jacobian of the model is never formed.
   Each layer is contracted in the order expected to be faster: over pairs of positions (always
   for Linear layers), or, when a convolution has few weights for its number of pairs of
-  positions, through its per-example gradients assembled from the factors (O x its weights).
+  positions, through its per-example gradients assembled from the factors (O x its weights,
+  formed once per chunk). Blocks on the diagonal of ``K(X, X)`` compute only half of their
+  symmetric Gram matrices.
   Other parameter-owning modules (BatchNorm, grouped convolutions, ...) fall back to Jacobian
   contraction for their own parameters, so the kernel is still exact. It assumes each layer sees
   the examples along its input's first dimension and that its parameters are used only through
@@ -57,6 +59,9 @@ FEATURE_CACHE_BYTES = 512 * 2**20
 # The contraction over pairs of positions is a chain of small batched products and permutations,
 # measured at about a quarter of the speed of one large matrix product (CPU, SmallCNN on 8x8).
 POSITION_PAIRS_SLOWDOWN = 4
+# Below this many rows a Gram matrix is one matrix product: splitting further costs more in small
+# products than symmetry saves.
+SYMMETRIC_GRAM_LEAF = 128
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -116,7 +121,7 @@ class EmpiricalNTK:
         function = _ModelFunction(model)
         if implementation == "structured":
             _check_no_shared_parameters(model)
-            kernels_of = _StructuredKernels(function, model, groups)
+            kernels_of = _StructuredKernels(function, model, groups, diagonal=self.mode != "full")
         else:
             if not per_layer:  # one group: a single contraction, and one NTK-vector product pass
                 groups = {"total": [name for names in groups.values() for name in names]}
@@ -186,7 +191,10 @@ def _assemble(
         for columns, chunk_2 in _chunks(inputs_2, chunk_size):
             if symmetric and columns.start < rows.start:
                 continue
-            blocks = kernels_of.blocks(features_1, column_features.get(columns, chunk_2), diagonal)
+            # On the diagonal of K(X, X) both sides are the same features: contractions see it and
+            # compute only half of the symmetric block.
+            features_2 = features_1 if symmetric and columns == rows else column_features.get(columns, chunk_2)
+            blocks = kernels_of.blocks(features_1, features_2, diagonal)
             if not per_layer:
                 blocks = {"total": sum(blocks.values())}
             for group, block in blocks.items():
@@ -233,8 +241,32 @@ def _chunks(inputs: torch.Tensor, chunk_size: int) -> Iterator[tuple[slice, torc
 
 
 def _contract_jacobians(jacobians_1: torch.Tensor, jacobians_2: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """Kernel block from per-example Jacobians (n1, O, P) and (n2, O, P)."""
-    return torch.einsum("iap,jap->ija" if diagonal else "iap,jbp->ijab", jacobians_1, jacobians_2)
+    """Kernel block from per-example Jacobians (n1, O, P) and (n2, O, P); half the work when
+    both are the same tensor (a block on the diagonal of K(X, X))."""
+    if jacobians_1 is not jacobians_2:
+        return torch.einsum("iap,jap->ija" if diagonal else "iap,jbp->ijab", jacobians_1, jacobians_2)
+    n, num_outputs, _ = jacobians_1.shape
+    if diagonal:
+        return _symmetric_gram(jacobians_1.transpose(0, 1)).permute(1, 2, 0)
+    return _symmetric_gram(jacobians_1.reshape(n * num_outputs, -1)).reshape(n, num_outputs, n, num_outputs).transpose(1, 2)
+
+
+def _symmetric_gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows^T`` over the last two dimensions, (..., m, P) -> (..., m, m), computing the
+    two diagonal quarters recursively and one off-diagonal quarter, so about half the products
+    of a plain matrix product (a symmetric rank-k update, which torch does not expose)."""
+    m = rows.shape[-2]
+    if m <= SYMMETRIC_GRAM_LEAF:
+        return rows @ rows.transpose(-1, -2)
+    half = m // 2
+    top, bottom = rows[..., :half, :], rows[..., half:, :]
+    gram = rows.new_empty(*rows.shape[:-2], m, m)
+    gram[..., :half, :half] = _symmetric_gram(top)
+    gram[..., half:, half:] = _symmetric_gram(bottom)
+    off_diagonal = top @ bottom.transpose(-1, -2)
+    gram[..., :half, half:] = off_diagonal
+    gram[..., half:, :half] = off_diagonal.transpose(-1, -2)
+    return gram
 
 
 class _JacobianKernels:
@@ -323,8 +355,9 @@ def _owner(model: nn.Module, group: str) -> nn.Module:
 class _StructuredKernels:
     """Factorised kernels for Linear and Conv2d layers, Jacobian contraction for the rest."""
 
-    def __init__(self, function: _ModelFunction, model: nn.Module, groups: dict[str, list[str]]) -> None:
+    def __init__(self, function: _ModelFunction, model: nn.Module, groups: dict[str, list[str]], diagonal: bool) -> None:
         self.function = function
+        self.diagonal = diagonal
         self.order = list(groups)
         self.layers = {group: _owner(model, group) for group in groups if _factorizable(_owner(model, group))}
         # Which of weight and bias are trainable, read now: inside functional_call they are detached.
@@ -335,7 +368,12 @@ class _StructuredKernels:
         self.fallback = _JacobianKernels(function, {g: names for g, names in groups.items() if g not in self.layers})
 
     def features(self, inputs: torch.Tensor) -> dict[str, _LayerFactors | torch.Tensor]:
-        features: dict[str, _LayerFactors | torch.Tensor] = self._layer_factors(inputs) if self.layers else {}
+        """Layer factors, or for the layers cheaper to contract through per-example gradients,
+        those gradients (formed once per chunk, not once per block); Jacobians of the rest."""
+        features: dict[str, _LayerFactors | torch.Tensor] = {}
+        for group, factors in (self._layer_factors(inputs) if self.layers else {}).items():
+            through_gradients = _cheaper_through_gradients(factors, factors, self.diagonal)
+            features[group] = _layer_gradients(factors) if through_gradients else factors
         if self.fallback.groups:
             features.update(self.fallback.features(inputs))
         return features
@@ -413,13 +451,18 @@ def _output_gradient_factor(layer: nn.Module, gradient: torch.Tensor, n: int) ->
     return gradient.reshape(gradient.shape[0], n, -1, gradient.shape[-1])
 
 
-def _factorized_block(factors_1: _LayerFactors, factors_2: _LayerFactors, diagonal: bool) -> torch.Tensor:
+def _factorized_block(features_1: _LayerFactors | torch.Tensor, features_2: _LayerFactors | torch.Tensor, diagonal: bool) -> torch.Tensor:
     """``K[i, j, a, b] = sum_{l, m} (A1[i, l] . A2[j, m]) (G1[a, i, l] . G2[b, j, m])``, contracted
-    over pairs of positions, or through each example's gradient of the layer,
-    ``sum_l G[a, i, l] (x) A[i, l]``, when that is cheaper."""
-    if _cheaper_through_gradients(factors_1, factors_2, diagonal):
-        return _contract_jacobians(_layer_gradients(factors_1), _layer_gradients(factors_2), diagonal)
-    return _block_through_positions(factors_1, factors_2, diagonal)
+    over pairs of positions from the layer factors, or through each example's gradient of the
+    layer, ``sum_l G[a, i, l] (x) A[i, l]``, when the features already are those gradients (if
+    only one side is, as for inputs of two image sizes, the other side's are formed)."""
+    if isinstance(features_1, _LayerFactors) and isinstance(features_2, _LayerFactors):
+        return _block_through_positions(features_1, features_2, diagonal)
+    if isinstance(features_1, _LayerFactors):
+        features_1 = _layer_gradients(features_1)
+    if isinstance(features_2, _LayerFactors):
+        features_2 = _layer_gradients(features_2)
+    return _contract_jacobians(features_1, features_2, diagonal)
 
 
 def _cheaper_through_gradients(factors_1: _LayerFactors, factors_2: _LayerFactors, diagonal: bool) -> bool:
@@ -441,12 +484,14 @@ def _block_through_positions(factors_1: _LayerFactors, factors_2: _LayerFactors,
     inputs_1, gradients_1 = factors_1.inputs, factors_1.output_gradients
     inputs_2, gradients_2 = factors_2.inputs, factors_2.output_gradients
     if inputs_1.shape[1] == inputs_2.shape[1] == 1:  # one position: a product of two Gram matrices
-        input_gram = inputs_1[:, 0] @ inputs_2[:, 0].T
+        same = factors_1 is factors_2  # a block on the diagonal of K(X, X): symmetric Grams
+        gram = (lambda rows_1, rows_2: _symmetric_gram(rows_1)) if same else (lambda rows_1, rows_2: rows_1 @ rows_2.transpose(-1, -2))
+        input_gram = gram(inputs_1[:, 0], inputs_2[:, 0])
         gradients_1, gradients_2 = gradients_1[:, :, 0], gradients_2[:, :, 0]  # (O, n, c)
         if diagonal:
-            return input_gram.unsqueeze(2) * torch.bmm(gradients_1, gradients_2.transpose(1, 2)).permute(1, 2, 0)
+            return input_gram.unsqueeze(2) * gram(gradients_1, gradients_2).permute(1, 2, 0)
         rows_1, rows_2 = gradients_1.transpose(0, 1).flatten(end_dim=1), gradients_2.transpose(0, 1).flatten(end_dim=1)
-        gradient_gram = (rows_1 @ rows_2.T).reshape(len(input_gram), -1, input_gram.shape[1], gradients_2.shape[0])
+        gradient_gram = gram(rows_1, rows_2).reshape(len(input_gram), -1, input_gram.shape[1], gradients_2.shape[0])
         return (input_gram[:, None, :, None] * gradient_gram).permute(0, 2, 1, 3)
     input_gram = torch.einsum("ilp,jmp->ijlm", inputs_1, inputs_2)
     weighted_gradients_2 = torch.einsum("ijlm,bjmc->ijlbc", input_gram, gradients_2)
@@ -454,5 +499,8 @@ def _block_through_positions(factors_1: _LayerFactors, factors_2: _LayerFactors,
 
 
 def _layer_gradients(factors: _LayerFactors) -> torch.Tensor:
-    """Per-example Jacobians of the layer output with respect to its parameters, (n, O, c p)."""
-    return torch.einsum("ailc,ilp->iacp", factors.output_gradients, factors.inputs).flatten(start_dim=2)
+    """Per-example Jacobians of the layer output with respect to its parameters, (n, O, c p):
+    one batched product over examples of (O c, L) by (L, p)."""
+    num_outputs, n, positions, width = factors.output_gradients.shape
+    gradients = factors.output_gradients.permute(1, 0, 3, 2).reshape(n, num_outputs * width, positions)
+    return torch.bmm(gradients, factors.inputs).reshape(n, num_outputs, -1)

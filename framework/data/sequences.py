@@ -1,4 +1,5 @@
-"""Synthetic sequence tasks generated from a seed: the copy task and the adding problem.
+"""Synthetic sequence tasks generated from a seed: the copy task, the denoise task and the
+adding problem.
 
 Batches are ``(x, y, mask)``: inputs (N, L, D), per-step targets (N, L) and a boolean mask (N, L)
 of the steps that count in the loss, as the sequence task expects.
@@ -36,6 +37,33 @@ def copy_task_baseline(delay: int) -> float:
     return COPY_LENGTH * math.log(COPY_SYMBOLS) / (delay + 2 * COPY_LENGTH)
 
 
+def denoise_task(num_examples: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise task (Jing et al. 2017, as used by Kerg et al. 2020): 10 symbols drawn from 1..8
+    at random distinct positions among the first ``length - 1`` steps, the noise token (0)
+    everywhere else, the marker 9 at step ``length - 1``, then 10 noise steps; the target is the
+    noise token for the first ``length`` steps, then the 10 symbols in the order they appeared.
+    Unlike the copy task, the model has to find where the symbols are, i.e. filter the noise
+    out. Returns integer tokens (N, length + 10) for the input and the target."""
+    if length < COPY_LENGTH + 1:
+        raise UserInputError(f"length={length} must be >= {COPY_LENGTH + 1} (10 symbols, then the marker)")
+    total = length + COPY_LENGTH
+    symbols = torch.randint(1, COPY_SYMBOLS + 1, (num_examples, COPY_LENGTH), generator=generator)
+    positions = torch.rand(num_examples, length - 1, generator=generator).argsort(dim=1)[:, :COPY_LENGTH].sort(dim=1).values
+    inputs = torch.full((num_examples, total), COPY_BLANK, dtype=torch.int64)
+    inputs.scatter_(1, positions, symbols)
+    inputs[:, length - 1] = COPY_MARKER
+    targets = torch.full((num_examples, total), COPY_BLANK, dtype=torch.int64)
+    targets[:, -COPY_LENGTH:] = symbols
+    return inputs, targets
+
+
+def denoise_task_baseline(length: int) -> float:
+    """Cross-entropy per step of the memoryless strategy, as for the copy task: noise predicted
+    exactly, then a uniform guess over the 8 symbols for the last 10 steps, i.e.
+    ``10 ln 8 / (length + 10)``."""
+    return COPY_LENGTH * math.log(COPY_SYMBOLS) / (length + COPY_LENGTH)
+
+
 def adding_task(num_examples: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Adding problem (Hochreiter & Schmidhuber 1997): at each step a value uniform in [0, 1]
     and a marker; exactly two markers are 1, one in each half of the sequence; the target is
@@ -57,7 +85,7 @@ ADDING_TASK_BASELINE = 1.0 / 6.0
 
 
 class OneHotCopyDataset(Dataset):
-    """Copy-task tokens stored compactly, one-hot encoded (10 channels) when indexed."""
+    """Copy- or denoise-task tokens stored compactly, one-hot encoded (10 channels) when indexed."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.inputs = inputs.to(torch.uint8)
@@ -151,3 +179,33 @@ class AddingTaskDataModule(_GeneratedDataModule):
     @property
     def baseline_loss(self) -> float:
         return ADDING_TASK_BASELINE
+
+
+class DenoiseTaskDataModule(_GeneratedDataModule):
+    """The denoise task on sequences of ``length + 10`` steps (:func:`denoise_task`): 10 symbols
+    hidden at random positions among ``length - 1`` noise steps, recalled in order after the
+    marker. Batches as for the copy task (10 one-hot channels, 9 target classes, every step in
+    the loss), so the memoryless baseline is ``denoise_task_baseline(length)``."""
+
+    def __init__(
+        self,
+        length: int = 100,
+        train_size: int = 10_000,
+        val_size: int = 1_000,
+        test_size: int = 1_000,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(train_size, val_size, test_size, batch_size, eval_batch_size, num_workers, seed)
+        if length < COPY_LENGTH + 1:
+            raise UserInputError(f"length={length} must be >= {COPY_LENGTH + 1} (10 symbols, then the marker)")
+        self.length = length
+
+    def generate(self, num_examples: int, generator: torch.Generator) -> Dataset:
+        return OneHotCopyDataset(*denoise_task(num_examples, self.length, generator))
+
+    @property
+    def baseline_loss(self) -> float:
+        return denoise_task_baseline(self.length)

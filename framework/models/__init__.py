@@ -1,6 +1,14 @@
 """Architectures: plain ``nn.Module``s, usable without Lightning. Tasks add loss and metrics."""
 
-from framework.models.adaptive import ACTSteps, AdaptiveComputationTime, EarlyExitCNN, HaltingSteps, PonderNet, PonderSteps
+from framework.models.adaptive import (
+    ACTSteps,
+    AdaptiveComputationTime,
+    EarlyExitCNN,
+    HabitualControlledNet,
+    HaltingSteps,
+    PonderNet,
+    PonderSteps,
+)
 from framework.models.cnn import SmallCNN
 from framework.models.dirac import DiracConv2d, DiracNet, PlainNet
 from framework.models.mlp import MLP
@@ -23,6 +31,7 @@ __all__ = [
     "DiracConv2d",
     "DiracNet",
     "EarlyExitCNN",
+    "HabitualControlledNet",
     "HaltingSteps",
     "MLP",
     "ModReLU",

@@ -1,6 +1,12 @@
 """Relational architectures over a set of objects, inputs (N, K, D) -> logits (N, C):
 CoRelNet (Kerg et al. 2022) and two baselines, a relation network (Santoro et al. 2017) and an
-MLP over the concatenated object embeddings."""
+MLP over the concatenated object embeddings.
+
+Each model also answers multiple-choice problems (``num_candidates`` > 0), as in the relational
+tasks of Webb et al. 2021 and Kerg et al. 2022: the inputs hold context objects followed by
+``num_candidates`` candidates of ``candidate_size`` objects each; the model completes the
+context with each candidate in turn, scores each completed set of ``num_objects`` objects with
+one logit, and returns the logits over candidates (N, num_candidates)."""
 
 from collections.abc import Sequence
 
@@ -38,28 +44,77 @@ class ContextNorm(nn.Module):
 
 class ObjectSetModel(nn.Module):
     """Base of the relational models: a shared object encoder, an MLP, applied to each of the K
-    objects (N, K, D) -> (N, K, E).
+    objects (N, K, D) -> (N, K, E); subclasses define :meth:`score` of a set of K objects.
+
+    Without candidates the output is ``score(x)``, (N, C). With ``num_candidates`` = M > 0 the
+    inputs are (N, K - s + M s, D): K - s context objects, then M candidates of s =
+    ``candidate_size`` objects; each candidate completes the context to a set of K objects
+    (:meth:`candidate_sets`), scored with one logit, and the output is (N, M).
 
     Args:
         input_size: D, features per object (64 for 8x8 digits).
-        num_objects: K.
-        num_classes: C, size of the output.
+        num_objects: K, the objects of a scored set (context and one candidate).
+        num_classes: C, size of the output; with candidates it must equal ``num_candidates``.
         embedding_size: E.
         encoder_hidden: widths of the encoder's hidden layers.
+        num_candidates: M, 0 for plain classification of the K objects.
+        candidate_size: s, objects per candidate (1, or 2 for pairs in relational match-to-sample).
     """
 
-    def __init__(self, input_size: int, num_objects: int, num_classes: int, embedding_size: int, encoder_hidden: Sequence[int]) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        num_objects: int,
+        num_classes: int,
+        embedding_size: int,
+        encoder_hidden: Sequence[int],
+        num_candidates: int = 0,
+        candidate_size: int = 1,
+    ) -> None:
         super().__init__()
         check_positive("num_objects", num_objects)
         check_positive("num_classes", num_classes)
+        check_positive("num_candidates", num_candidates, allow_zero=True)
+        check_positive("candidate_size", candidate_size)
+        if num_candidates and num_classes != num_candidates:
+            raise UserInputError(f"num_classes={num_classes} must equal num_candidates={num_candidates}: the output is one logit per candidate")
+        if num_candidates and candidate_size >= num_objects:
+            raise UserInputError(f"candidate_size={candidate_size} must be < num_objects={num_objects} (a context object at least)")
         self.num_objects = num_objects
+        self.num_candidates = num_candidates
+        self.candidate_size = candidate_size
+        self.output_size = 1 if num_candidates else num_classes
         self.encoder = mlp([input_size, *encoder_hidden, embedding_size])
 
+    @property
+    def num_inputs(self) -> int:
+        """Objects per input example: K, or the context plus every candidate."""
+        if not self.num_candidates:
+            return self.num_objects
+        return self.num_objects + (self.num_candidates - 1) * self.candidate_size
+
+    def candidate_sets(self, x: torch.Tensor) -> torch.Tensor:
+        """The context completed with each candidate in turn, (N * M, K, D), example-major."""
+        context_size = self.num_objects - self.candidate_size
+        context, candidates = x[:, :context_size], x[:, context_size:]
+        candidates = candidates.unflatten(1, (self.num_candidates, self.candidate_size))
+        expanded = context[:, None].expand(-1, self.num_candidates, -1, -1)
+        return torch.cat([expanded, candidates], dim=2).flatten(0, 1)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The object embeddings (N, K, E) of inputs (N, K, D)."""
-        if x.dim() != 3 or x.shape[1] != self.num_objects:
-            raise ValueError(f"expected inputs (N, {self.num_objects}, D), got {tuple(x.shape)}")
+        """The object embeddings (N, K, E) of a set of objects (N, K, D)."""
         return self.encoder(x)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for sets of K objects (B, K, D): (B, C), or (B, 1) with candidates."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.num_inputs:
+            raise ValueError(f"expected inputs (N, {self.num_inputs}, D), got {tuple(x.shape)}")
+        if not self.num_candidates:
+            return self.score(x)
+        return self.score(self.candidate_sets(x)).view(x.shape[0], self.num_candidates)
 
 
 class CoRelNet(ObjectSetModel):
@@ -85,19 +140,21 @@ class CoRelNet(ObjectSetModel):
         encoder_hidden: Sequence[int] = (64,),
         decoder_hidden: Sequence[int] = (64,),
         context_norm: bool = False,
+        num_candidates: int = 0,
+        candidate_size: int = 1,
     ) -> None:
-        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden)
+        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden, num_candidates, candidate_size)
         if context_norm and num_objects < 3:
             raise UserInputError(f"context_norm=True needs num_objects >= 3, got {num_objects}: over 2 objects it maps every pair to the same relation matrix")
         self.context_norm = ContextNorm(embedding_size) if context_norm else nn.Identity()
-        self.decoder = mlp([num_objects * num_objects, *decoder_hidden, num_classes])
+        self.decoder = mlp([num_objects * num_objects, *decoder_hidden, self.output_size])
 
     def relation_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """R = softmax(Z Z^T) over the last axis, (N, K, K)."""
+        """R = softmax(Z Z^T) over the last axis, (N, K, K), of sets of objects (N, K, D)."""
         z = self.context_norm(self.embed(x))
         return (z @ z.transpose(1, 2)).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.relation_matrix(x).flatten(1))
 
 
@@ -120,14 +177,16 @@ class RelationNetwork(ObjectSetModel):
         encoder_hidden: Sequence[int] = (64,),
         relation_hidden: Sequence[int] = (64, 64),
         output_hidden: Sequence[int] = (64,),
+        num_candidates: int = 0,
+        candidate_size: int = 1,
     ) -> None:
-        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden)
+        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden, num_candidates, candidate_size)
         if not relation_hidden:
             raise UserInputError("relation_hidden must name at least one layer (its last width is the relation size)")
         self.relation = mlp([2 * embedding_size, *relation_hidden])
-        self.output = mlp([relation_hidden[-1], *output_hidden, num_classes])
+        self.output = mlp([relation_hidden[-1], *output_hidden, self.output_size])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
         z = self.embed(x)
         k = z.shape[1]
         pairs = torch.cat([z[:, :, None].expand(-1, k, k, -1), z[:, None].expand(-1, k, k, -1)], dim=-1)
@@ -150,9 +209,11 @@ class ConcatMLP(ObjectSetModel):
         embedding_size: int = 32,
         encoder_hidden: Sequence[int] = (64,),
         decoder_hidden: Sequence[int] = (64,),
+        num_candidates: int = 0,
+        candidate_size: int = 1,
     ) -> None:
-        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden)
-        self.decoder = mlp([num_objects * embedding_size, *decoder_hidden, num_classes])
+        super().__init__(input_size, num_objects, num_classes, embedding_size, encoder_hidden, num_candidates, candidate_size)
+        self.decoder = mlp([num_objects * embedding_size, *decoder_hidden, self.output_size])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.embed(x).flatten(1))

@@ -4,8 +4,14 @@ Every recurrent model here maps inputs (N, L, D) to outputs (N, L, C) with a Lin
 the hidden state at every step, as :class:`~framework.tasks.SequenceTask` expects. The cells
 are written out (not ``torch.nn.RNN``/``LSTM``) so that the variants share one loop, and so
 that the hidden states and the recurrent matrix are reachable for analysis
-(:meth:`RecurrentNetwork.hidden_states`, :meth:`RecurrentNetwork.recurrent_weight`).
+(:meth:`RecurrentNetwork.hidden_states`, :meth:`RecurrentNetwork.recurrent_weight`), and so
+that analysis code can keep the per-step hidden states of an ordinary forward pass as nodes of
+its autograd graph (:meth:`RecurrentNetwork.recording_hidden_states`), e.g. to measure how the
+gradient of the loss with respect to h_t decays with the distance to the loss.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,21 @@ class RecurrentNetwork(nn.Module):
                 if gate_blocks == 4:
                     self.input_to_hidden.bias.zero_()
                     self.input_to_hidden.bias[:hidden_size].fill_(1.0)
+        self._hidden_record: list[torch.Tensor] | None = None
+
+    @contextmanager
+    def recording_hidden_states(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every forward pass appends its hidden states h_1, ..., h_L (each
+        (N, H)) to the yielded list, as the very tensors the next steps read: so
+        ``torch.autograd.grad(loss, record)`` gives the total derivatives dL/dh_t, through the
+        readout of step t and through every later step. Each block gets a new list; nothing is
+        recorded outside a block."""
+        record: list[torch.Tensor] = []
+        self._hidden_record = record
+        try:
+            yield record
+        finally:
+            self._hidden_record = None
 
     def input_terms(self, x: torch.Tensor) -> torch.Tensor:
         """The input-dependent part of every step, (N, L, *), computed in one batched call."""
@@ -80,6 +101,8 @@ class RecurrentNetwork(nn.Module):
         for t in range(x.shape[1]):
             state = self.step(inputs[:, t], state, t, weight)
             hidden.append(state[0])
+        if self._hidden_record is not None:
+            self._hidden_record.extend(hidden)
         return torch.stack(hidden, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

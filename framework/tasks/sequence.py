@@ -15,6 +15,14 @@ from framework.tasks.base import Task
 LOSSES = ("cross_entropy", "mse")
 
 
+def sequence_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """The loss of :class:`SequenceTask` on the masked steps, outputs (M, C) and targets (M,):
+    the mean cross-entropy (targets are class indices) or the mean squared error (C = 1)."""
+    if loss == "mse":
+        return F.mse_loss(outputs.squeeze(-1), targets.float())
+    return F.cross_entropy(outputs, targets)
+
+
 class SequenceTask(Task):
     """Trains ``backbone`` mapping inputs (N, L, D) to per-step outputs (N, L, C) on batches
     ``(x, y, mask)``; the loss is averaged over the steps where ``mask`` is true.
@@ -48,10 +56,8 @@ class SequenceTask(Task):
         inputs, targets, mask = batch
         outputs = self(inputs)[mask]
         targets = targets[mask]
-        if self.loss == "mse":
-            loss = F.mse_loss(outputs.squeeze(-1), targets.float())
-        else:
-            loss = F.cross_entropy(outputs, targets)
+        loss = sequence_loss(outputs, targets, self.loss)
+        if self.loss == "cross_entropy":
             correct = (outputs.detach().argmax(dim=-1) == targets).float()
             accuracy = self.accuracy["fit" if split == "train" else split]
             accuracy.update(correct)
