@@ -9,6 +9,7 @@ from torch.nn.utils import prune as torch_prune
 from callbacks.curvature import EKFACOptimizer, FisherStatistics, fisher
 from callbacks.pruning import (
     CRITERIA,
+    Pruning,
     apply_kept_units,
     criterion_scores,
     fisher_diagonals,
@@ -307,3 +308,115 @@ def test_bad_inputs_are_refused_naming_the_allowed_values():
     assert (tensors[0].mask() == 1).all(), "a refused step must not change the masks"
     prune(model, tensors, [], 0.97, allow_layer_collapse=True)
     assert (tensors[0].mask() == 0).all()
+
+
+def normalised_mlp(seed: int = 0) -> nn.Module:
+    """An MLP with BatchNorm1d and LayerNorm whose affine parameters and running statistics are not the defaults."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight.normal_(0, 1)
+            norm.bias.normal_(0, 1)
+        model[1].running_mean.normal_(0, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_normalisation_weights_pruned_on_request_reach_the_rounded_target(criterion, scope):
+    model, data = normalised_mlp(), classification_data((6,))
+    tensors = prunable_tensors(model, include_normalization=True)
+    assert [t.key for t in tensors] == ["0.weight", "1.weight", "3.weight", "4.weight", "6.weight"]
+    sizes = [t.leaf().numel() for t in tensors]
+    for target in (0.3, 0.62):
+        prune(model, tensors, data, target, criterion=criterion, scope=scope)
+        if scope == "global":
+            assert pruned_count(tensors) == round(target * sum(sizes)) == round(target * 104)
+        else:
+            assert [int((t.mask() == 0).sum()) for t in tensors] == [round(target * n) for n in sizes]
+        assert all((t.leaf()[t.mask() == 0] == 0).all() for t in tensors)
+
+
+@pytest.mark.parametrize("criterion", ["MP", "OBD"])
+def test_structured_pruning_of_normalisation_parameters_prunes_whole_channels(criterion):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 3)
+    ).double()
+    data = classification_data((2, 4, 4))
+    tensors = prunable_tensors(model, parameter_names=("weight", "bias"), include_normalization=True)
+    assert [t.key for t in tensors if t.leaf().dim() == 1] == ["0.bias", "1.weight", "1.bias", "3.bias", "4.weight", "4.bias", "6.bias"]
+    prune(model, tensors, data, 0.5, criterion=criterion, scope="layer", structured=True)
+    for t in tensors:
+        rows = t.mask().reshape(t.mask().shape[0], -1)
+        assert ((rows == 0).all(dim=1) | (rows == 1).all(dim=1)).all(), "a channel was pruned in part"
+        assert int((rows == 0).all(dim=1).sum()) == round(0.5 * t.mask().shape[0])
+
+
+def test_pruned_normalisation_weights_stay_exactly_zero_under_sgd_momentum():
+    model, data = normalised_mlp(), classification_data((6,), batches=4)
+    tensors = prunable_tensors(model, parameter_names=("weight", "bias"), include_normalization=True)
+    norms = [t for t in tensors if t.module_name in ("1", "4")]
+    prune(model, tensors, [], 0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    keep_pruned_at_zero(optimizer, tensors)
+    train_steps(model, optimizer, data)  # the momentum of every BN weight is non-zero when the step prunes
+    prune(model, tensors, data, 0.5, criterion="QM", scope="layer")
+    assert [int((t.mask() == 0).sum()) for t in norms] == [4, 4, 2, 2]
+    before = [t.leaf().detach().clone() for t in norms]
+    train_steps(model, optimizer, data * 3)
+    for t, old in zip(norms, before):
+        assert (t.leaf()[t.mask() == 0] == 0).all()
+        assert not torch.equal(t.leaf()[t.mask() == 1], old[t.mask() == 1]), "the kept entries train"
+
+
+def test_normalisation_parameters_are_excluded_unless_asked():
+    model = normalised_mlp()
+    assert [t.key for t in prunable_tensors(model, parameter_names=("weight", "bias"))] == [
+        "0.weight", "0.bias", "3.weight", "3.bias", "6.weight", "6.bias"
+    ]
+    refusal = r"layers='1' is a normalisation layer: set include_normalization=True, or choose one of \['0', '3', '6'\]"
+    with pytest.raises(UserInputError, match=refusal):
+        prunable_tensors(model, layers=["1"])
+    assert [t.key for t in prunable_tensors(model, layers=["1", "6"], include_normalization=True)] == ["1.weight", "6.weight"]
+    Pruning().setup(None, model, "fit")
+    assert not hasattr(model[1], "weight_mask") and hasattr(model[0], "weight_mask")
+    callback = Pruning(include_normalization=True)
+    callback.setup(None, model, "fit")
+    assert [t.key for t in callback._tensors] == ["0.weight", "1.weight", "3.weight", "4.weight", "6.weight"]
+    assert hasattr(model[1], "weight_mask") and not hasattr(model[1], "bias_mask")
+
+
+def test_linear_model_score_of_a_batchnorm_weight_equals_its_hand_computed_value():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+        model[0].bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+        model[0].running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+        model[0].running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    inputs = torch.tensor([[1.0, 2.0, -1.0], [0.0, -1.0, 2.0], [3.0, 0.5, 0.0], [-2.0, 1.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([0, 1, 1, 0])
+    data = [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])]
+    # In eval mode BN is x_hat * gamma + beta with the running statistics; d loss / d gamma_c is the
+    # mean over examples of (softmax - one_hot) W[:, c] x_hat_c.
+    gamma, beta, weight, bias = (p.detach().clone() for p in (model[0].weight, model[0].bias, model[1].weight, model[1].bias))
+    x_hat = (inputs - model[0].running_mean) / (model[0].running_var + model[0].eps).sqrt()
+    logits = (x_hat * gamma + beta) @ weight.T + bias
+    residual = logits.softmax(dim=1) - nn.functional.one_hot(targets, 2).double()
+    gradient = ((residual @ weight) * x_hat).mean(dim=0)
+    expected = (gradient * -gamma).abs()
+
+    model.train()  # scores must use the running statistics whatever the mode
+    tensors = prunable_tensors(model, layers=["0"], include_normalization=True)
+    (measured,) = loss_gradient(model, data, tensors, negative_log_likelihood("classification"))
+    assert model.training
+    assert torch.allclose(criterion_scores("LM", tensors[0].value(), measured), expected, rtol=1e-12, atol=0)
+    predicted = prune(model, tensors, data, 1 / 3, criterion="LM")
+    lowest = int(expected.argmin())
+    assert tensors[0].mask().tolist() == [0.0 if c == lowest else 1.0 for c in range(3)]
+    assert predicted == pytest.approx(float(gradient[lowest] * -gamma[lowest]), rel=1e-12)

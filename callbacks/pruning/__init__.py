@@ -3,6 +3,7 @@ step (:func:`prune`) as plain functions, and the :class:`Pruning` callback that 
 
 from callbacks.pruning.callback import Pruning
 from callbacks.pruning.masks import (
+    NORMALIZATION_TYPES,
     PARAMETER_NAMES,
     PRUNABLE_TYPES,
     SCOPES,
@@ -36,6 +37,7 @@ from callbacks.pruning.step import prune
 
 __all__ = [
     "CRITERIA",
+    "NORMALIZATION_TYPES",
     "PARAMETER_NAMES",
     "PRUNABLE_TYPES",
     "SCHEDULES",

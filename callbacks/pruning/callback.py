@@ -32,8 +32,8 @@ from framework.errors import UserInputError, check_choice, check_positive
 
 
 class Pruning(Callback):
-    """Prunes Linear and Conv2d weights at the start of scheduled epochs or before scheduled
-    optimizer steps, with fine-tuning in between.
+    """Prunes Linear and Conv2d weights (and, when asked, normalisation parameters) at the start of
+    scheduled epochs or before scheduled optimizer steps, with fine-tuning in between.
 
     A superset of Lightning's ModelPruning (``amount``, ``parameter_names``, global or per-layer,
     structured by L_n norm, lottery-ticket rewinding) with loss-model criteria and state that
@@ -63,8 +63,11 @@ class Pruning(Callback):
         pruning_norm: with ``structured``, rank channels by this L_n norm of their weights; None
             ranks them by their summed criterion score.
         layers: names of the modules to prune, relative to the LightningModule (e.g.
-            ``backbone.fc``); default every Linear and Conv2d. Checked in ``setup``.
+            ``backbone.fc``); default every Linear and Conv2d (and normalisation module with
+            ``include_normalization``). Checked in ``setup``.
         parameter_names: which parameters of those modules to prune (``weight``, ``bias``).
+        include_normalization: also prune these parameters of BatchNorm1d/2d, LayerNorm and
+            GroupNorm modules (every criterion; structured pruning treats each channel as a unit).
         locality_penalty: lambda of the penalty ``lambda/2 w^2`` added to every score.
         fisher_type: Fisher of ``QM``/``OBD`` (``exact``, ``mc``, ``empirical``).
         fisher_samples: targets drawn per example for ``mc``.
@@ -104,6 +107,7 @@ class Pruning(Callback):
         pruning_norm: float | None = None,
         layers: Sequence[str] | None = None,
         parameter_names: Sequence[str] = ("weight",),
+        include_normalization: bool = False,
         locality_penalty: float = 0.0,
         fisher_type: str = "exact",
         fisher_samples: int = 1,
@@ -154,6 +158,7 @@ class Pruning(Callback):
         self.pruning_norm = pruning_norm
         self.layers = None if layers is None else list(layers)
         self.parameter_names = list(parameter_names)
+        self.include_normalization = include_normalization
         self.locality_penalty = locality_penalty
         self.fisher_type = fisher_type
         self.fisher_samples = fisher_samples
@@ -182,7 +187,7 @@ class Pruning(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before any checkpoint is loaded: the model's keys must already be those of a pruned model.
-        self._tensors = prunable_tensors(pl_module, self.layers, self.parameter_names)
+        self._tensors = prunable_tensors(pl_module, self.layers, self.parameter_names, self.include_normalization)
         add_masks(self._tensors)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

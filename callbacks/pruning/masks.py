@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from framework.errors import UserInputError, check_choice
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
+NORMALIZATION_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 PARAMETER_NAMES = ("weight", "bias")
 SCOPES = ("global", "layer")
 
@@ -65,19 +66,28 @@ class PrunedTensor:
 
 
 def prunable_tensors(
-    model: nn.Module, layers: Sequence[str] | None = None, parameter_names: Sequence[str] = ("weight",)
+    model: nn.Module,
+    layers: Sequence[str] | None = None,
+    parameter_names: Sequence[str] = ("weight",),
+    include_normalization: bool = False,
 ) -> list[PrunedTensor]:
     """The tensors to prune, in model order: ``parameter_names`` of the named ``layers`` (default:
-    every Linear and Conv2d module). Unknown or unsupported names are refused listing the allowed ones."""
+    every Linear and Conv2d module, and with ``include_normalization`` every BatchNorm1d/2d,
+    LayerNorm and GroupNorm module too; modules without such a parameter, e.g. non-affine norms,
+    are skipped). Unknown or unsupported names are refused listing the allowed ones."""
     for name in parameter_names:
         check_choice("parameter_names", name, PARAMETER_NAMES)
-    candidates = [name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    types = PRUNABLE_TYPES + NORMALIZATION_TYPES if include_normalization else PRUNABLE_TYPES
+    modules = dict(model.named_modules())
+    candidates = [name for name, module in modules.items() if isinstance(module, types)]
     for name in layers or ():
+        if not include_normalization and isinstance(modules.get(name), NORMALIZATION_TYPES):
+            raise UserInputError(f"layers={name!r} is a normalisation layer: set include_normalization=True, or choose one of {candidates}")
         check_choice("layers", name, candidates)
     chosen = candidates if layers is None else [name for name in candidates if name in layers]
     tensors = []
     for module_name in chosen:
-        module = model.get_submodule(module_name)
+        module = modules[module_name]
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise UserInputError(f"layer {module_name!r}: grouped convolutions are not supported; choose among {candidates}")
         tensors += [PrunedTensor(module_name, module, name) for name in parameter_names if getattr(module, name, None) is not None]
@@ -122,7 +132,8 @@ def keep_pruned_at_zero(optimizer: torch.optim.Optimizer, tensors: Sequence[Prun
 
 
 def channel_view(values: torch.Tensor, structured: bool) -> torch.Tensor:
-    """Units as rows: one row per output channel (dim 0) when structured, else one per entry."""
+    """Units as rows: one row per output channel (dim 0) when structured, else one per entry (a
+    1-D tensor, a bias or a normalisation weight, has one entry per channel either way)."""
     return values.reshape(values.shape[0], -1) if structured else values.reshape(-1, 1)
 
 
