@@ -191,7 +191,12 @@ class Pruning(Callback):
         add_masks(self._tensors)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hooks = [handle for optimizer in trainer.optimizers for handle in keep_pruned_at_zero(optimizer, self._tensors)]
+        # Gradients are masked in on_before_optimizer_step (after Lightning's closure ran the backward).
+        self._hooks = [
+            handle
+            for optimizer in trainer.optimizers
+            for handle in keep_pruned_at_zero(optimizer, self._tensors, mask_gradients_before_step=False)
+        ]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls step(closure): the step's pre-hook runs before the closure's backward, this after it.

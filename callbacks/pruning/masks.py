@@ -105,30 +105,46 @@ def add_masks(tensors: Sequence[PrunedTensor]) -> None:
             tensor.module._pruned_names = (*getattr(tensor.module, "_pruned_names", ()), tensor.name)
 
 
+def _masked_pairs(tensors: Sequence[PrunedTensor], gradients: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(targets, masks) of the tensors that have a mask: the parameters, or their gradients."""
+    targets, masks = [], []
+    for tensor in tensors:
+        mask = getattr(tensor.module, f"{tensor.name}_mask", None)
+        target = tensor.leaf().grad if gradients else tensor.leaf()
+        if mask is not None and target is not None:
+            targets.append(target)
+            masks.append(mask)
+    return targets, masks
+
+
 def mask_gradients(tensors: Sequence[PrunedTensor]) -> None:
     """Zero the gradients of pruned entries, in place (before clipping and the optimizer step)."""
-    with torch.no_grad():
-        for tensor in tensors:
-            if tensor.has_mask and tensor.leaf().grad is not None:
-                tensor.leaf().grad.mul_(tensor.mask())
+    gradients, masks = _masked_pairs(tensors, gradients=True)
+    if gradients:
+        with torch.no_grad():
+            torch._foreach_mul_(gradients, masks)
 
 
 def zero_pruned(tensors: Sequence[PrunedTensor]) -> None:
     """Set the pruned entries of every parameter to exactly zero, in place."""
-    with torch.no_grad():
-        for tensor in tensors:
-            if tensor.has_mask:
-                tensor.leaf().mul_(tensor.mask())
+    parameters, masks = _masked_pairs(tensors, gradients=False)
+    if parameters:
+        with torch.no_grad():
+            torch._foreach_mul_(parameters, masks)
 
 
-def keep_pruned_at_zero(optimizer: torch.optim.Optimizer, tensors: Sequence[PrunedTensor]) -> list[RemovableHandle]:
+def keep_pruned_at_zero(
+    optimizer: torch.optim.Optimizer, tensors: Sequence[PrunedTensor], mask_gradients_before_step: bool = True
+) -> list[RemovableHandle]:
     """Hook ``optimizer`` so that it sees masked gradients and leaves pruned weights at zero: one
     multiplication per tensor before and after each ``step`` (not per forward). Returns the hook
-    handles (``.remove()`` them to detach)."""
-    return [
-        optimizer.register_step_pre_hook(lambda *_: mask_gradients(tensors)),
-        optimizer.register_step_post_hook(lambda *_: zero_pruned(tensors)),
-    ]
+    handles (``.remove()`` them to detach). ``mask_gradients_before_step=False`` leaves out the
+    pre-step masking, for callers that mask the gradients themselves after backward (a
+    closure-based ``step(closure)``, as Lightning calls it, runs its backward after the pre-hook)."""
+    handles = [optimizer.register_step_post_hook(lambda *_: zero_pruned(tensors))]
+    if mask_gradients_before_step:
+        handles.append(optimizer.register_step_pre_hook(lambda *_: mask_gradients(tensors)))
+    return handles
 
 
 def channel_view(values: torch.Tensor, structured: bool) -> torch.Tensor:
