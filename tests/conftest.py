@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
@@ -17,3 +18,13 @@ def finish_wandb_run():
 
     if wandb.run is not None:
         wandb.run.finish()
+
+
+@pytest.fixture
+def single_threaded_torch():
+    """One torch thread, for modules of tiny problems (``pytestmark = pytest.mark.usefixtures(...)``):
+    on a shared machine torch's threads waiting for each other cost far more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

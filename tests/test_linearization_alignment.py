@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_linearization_ntk import _model_and_inputs, single_threaded_torch  # noqa: F401 (autouse fixture)
+from test_linearization_ntk import _model_and_inputs
 
 from callbacks.linearization import (
     EmpiricalNTK,
@@ -14,6 +14,8 @@ from callbacks.linearization import (
     target_kernel,
 )
 from framework.errors import UserInputError
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 LABELS = torch.tensor([0, 2, 1, 0, 2, 2, 1])
 

@@ -4,13 +4,15 @@ import copy
 
 import pytest
 import torch
-from test_linearization_ntk import _mixed_net, single_threaded_torch  # noqa: F401 (autouse fixture)
+from test_linearization_ntk import _mixed_net
 from torch import nn
 
 from callbacks.linearization import AlphaScaledModel, LinearizedModel, alpha_scaled_learning_rate
 from framework.errors import UserInputError
 from framework.models import MLP
 from framework.testing.reference import per_example_jacobians
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def _smooth_mlp_and_inputs() -> tuple[nn.Module, torch.Tensor]:

@@ -10,7 +10,7 @@ with ``TorchHooksJacobianBackend(centering=True)`` (``H G H`` on both example di
 
 import pytest
 import torch
-from test_linearization_ntk import _model_and_inputs, single_threaded_torch  # noqa: F401 (autouse fixture)
+from test_linearization_ntk import _model_and_inputs
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.linearization import EmpiricalNTK, parameter_groups
@@ -19,6 +19,8 @@ nngeometry = pytest.importorskip("nngeometry")
 from nngeometry.backend import TorchHooksJacobianBackend  # noqa: E402
 from nngeometry.layercollection import LayerCollection  # noqa: E402
 from nngeometry.object import FMatDense  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 

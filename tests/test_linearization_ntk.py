@@ -20,17 +20,9 @@ from framework.models import MLP, SmallCNN
 from framework.testing.reference import empirical_ntk as reference_ntk
 from framework.testing.reference import per_example_jacobians
 
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured", "auto"]
-
-
-@pytest.fixture(autouse=True)
-def single_threaded_torch():
-    """These problems are tiny: on a shared machine, torch's threads waiting for each other cost
-    far more than they give (tens of seconds instead of a few for this file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MixedNet(nn.Module):
