@@ -12,11 +12,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from callbacks.distillation.images import attention_grid, spatial_attention
 from callbacks.distillation.losses import at_loss, kd_loss
 from framework.errors import DataFileError, UserInputError, check_positive
+from framework.probes import training_probe
 
 
 def load_backbone_weights(model: nn.Module, checkpoint_path: str | Path) -> None:
@@ -145,11 +145,8 @@ class Distillation(Callback):
         """``num_probe_images`` inputs of the training dataset chosen with ``probe_seed``, on
         the model's device; built once."""
         if self.probe is None:
-            loader = trainer.train_dataloader
-            dataset = loader.dataset
-            count = min(self.num_probe_images, len(dataset))
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.probe_seed))[:count]
-            self.probe = next(iter(DataLoader(Subset(dataset, chosen.tolist()), batch_size=count, collate_fn=loader.collate_fn)))[0]
+            count = min(self.num_probe_images, len(trainer.train_dataloader.dataset))
+            self.probe = training_probe(trainer, count, self.probe_seed)[0]
         return move_data_to_device(self.probe, pl_module.device)
 
     def _distilled_step(self, pl_module: L.LightningModule, training_step: Callable, batch: Any, batch_idx: int) -> Any:

@@ -11,12 +11,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from torch.utils.data import DataLoader, Subset
 
 from callbacks.gradient_propagation.core import hidden_state_gradient_norms, recurrent_matrices, spectrum_summary
 from callbacks.linearization.callback import SCHEDULES, next_scheduled_step
 from framework.errors import UserInputError, check_choice, check_positive
 from framework.models.rnn_base import RecurrentNetwork
+from framework.probes import training_probe
 from framework.tasks.sequence import LOSSES
 
 PREFIX = "gradient_propagation"
@@ -148,12 +148,7 @@ class GradientPropagation(Callback):
         """The probe batch on the model's device: ``probe_size`` training examples chosen with
         ``probe_seed``. Built once."""
         if self.probe is None:
-            loader = trainer.train_dataloader
-            dataset = loader.dataset
-            if self.probe_size > len(dataset):
-                raise UserInputError(f"probe_size={self.probe_size} exceeds the {len(dataset)} training examples")
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.probe_seed))[: self.probe_size]
-            batch = next(iter(DataLoader(Subset(dataset, chosen.tolist()), batch_size=self.probe_size, collate_fn=loader.collate_fn)))
+            batch = training_probe(trainer, self.probe_size, self.probe_seed)
             if len(batch) != 3:
                 raise UserInputError(f"GradientPropagation needs batches (x, y, mask) of a sequence task, got {len(batch)} tensors")
             self.probe = tuple(batch)

@@ -11,11 +11,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from torch.utils.data import DataLoader, Subset
 
 from callbacks.linearization.alignment import kernel_alignment, kernel_target_alignment
 from callbacks.linearization.ntk import IMPLEMENTATIONS, TRACE_REDUCTIONS, EmpiricalNTK
 from framework.errors import UserInputError, check_choice, check_positive
+from framework.probes import training_probe
 
 SCHEDULES = ("every_k", "log_spaced")
 # Heatmap colours: white for the smallest kernel entry to dark blue for the largest.
@@ -183,13 +183,7 @@ class NTKAlignment(Callback):
         """The probe's inputs and targets on the model's device: ``probe_size`` examples of the
         training dataset chosen with ``probe_seed``, sorted by class (stable). Built once."""
         if self.probe is None:
-            loader = trainer.train_dataloader
-            dataset = loader.dataset
-            if self.probe_size > len(dataset):
-                raise UserInputError(f"probe_size={self.probe_size} exceeds the {len(dataset)} training examples")
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.probe_seed))[: self.probe_size]
-            ordered = DataLoader(Subset(dataset, chosen.tolist()), batch_size=self.probe_size, collate_fn=loader.collate_fn)
-            inputs, targets = next(iter(ordered))[:2]
+            inputs, targets = training_probe(trainer, self.probe_size, self.probe_seed)[:2]
             by_class = torch.argsort(targets, stable=True)
             self.probe = (inputs[by_class], targets[by_class])
         return move_data_to_device(self.probe, pl_module.device)

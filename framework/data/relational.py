@@ -163,7 +163,7 @@ class RelationalDigitsDataModule(SplitDataModule):
 
     def __init__(
         self,
-        held_out_classes: Sequence[int],
+        held_out_classes: Sequence[int] = (6, 7, 8, 9),
         val_images: float = 0.2,
         train_size: int = 10_000,
         val_size: int = 1_000,
@@ -248,20 +248,6 @@ class MatchToSampleDataModule(RelationalDigitsDataModule):
     the relational models with ``num_objects=4, num_candidates=2, candidate_size=2``. Held-out
     digits (default 6-9) appear only in ``test``."""
 
-    def __init__(
-        self,
-        held_out_classes: Sequence[int] = (6, 7, 8, 9),
-        val_images: float = 0.2,
-        train_size: int = 10_000,
-        val_size: int = 1_000,
-        test_size: int = 1_000,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(held_out_classes, val_images, train_size, val_size, test_size, batch_size, eval_batch_size, num_workers, seed)
-
     def make_examples(self, images: torch.Tensor, labels: torch.Tensor, num_examples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return match_to_sample(ClassPools(images, labels), num_examples, generator)
 
@@ -278,20 +264,6 @@ class DistributionOfThreeDataModule(RelationalDigitsDataModule):
     digits on each side; held-out digits (default 6-9) appear only in ``test``."""
 
     min_classes = 4
-
-    def __init__(
-        self,
-        held_out_classes: Sequence[int] = (6, 7, 8, 9),
-        val_images: float = 0.2,
-        train_size: int = 10_000,
-        val_size: int = 1_000,
-        test_size: int = 1_000,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(held_out_classes, val_images, train_size, val_size, test_size, batch_size, eval_batch_size, num_workers, seed)
 
     def make_examples(self, images: torch.Tensor, labels: torch.Tensor, num_examples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return distribution_of_three(ClassPools(images, labels), num_examples, generator)
