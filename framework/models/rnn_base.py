@@ -98,8 +98,10 @@ class RecurrentNetwork(nn.Module):
         weight = self.recurrent_weight()
         state = self.initial_state(x.shape[0], inputs)
         hidden = []
-        for t in range(x.shape[1]):
-            state = self.step(inputs[:, t], state, t, weight)
+        # unbind, not inputs[:, t]: the backward of L selects would zero-fill and add an
+        # (N, L, *) gradient per step (quadratic in L); unbind's stacks the L gradients once.
+        for t, input_term in enumerate(inputs.unbind(dim=1)):
+            state = self.step(input_term, state, t, weight)
             hidden.append(state[0])
         if self._hidden_record is not None:
             self._hidden_record.extend(hidden)
