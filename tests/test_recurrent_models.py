@@ -102,7 +102,7 @@ def test_bn_lstm_normalises_inputs_per_step_in_training_and_couples_the_batch_on
     x = torch.randn(32, LENGTH, INPUTS) + torch.arange(LENGTH).float()[None, :, None]
     model.input_norm.momentum = 1.0  # the running statistics become the last batch's
     model(x)
-    projected = model.input_terms(x)
+    projected = model.input_to_hidden(x)
     torch.testing.assert_close(model.input_norm.running_mean, projected.mean(dim=0))  # one mean per step
     torch.testing.assert_close(model.hidden_norm.running_mean[0], torch.zeros(4 * HIDDEN))  # h_0 = 0
     assert not torch.allclose(model(x)[:2], model(x[:2]))  # training: outputs depend on the batch

@@ -41,7 +41,10 @@ class StepwiseBatchNorm(nn.Module):
         max_steps: T_max, the number of steps with their own population statistics.
         shift: learn a shift beta (off for the gate terms, which share the LSTM's bias).
         gamma_init: initial scale; 0.1 keeps tanh and sigmoid out of saturation at the start.
-        momentum: weight of the new batch statistics in the running averages.
+        momentum: weight of the new batch statistics in the running averages; ``None``: the
+            cumulative average of every batch since :meth:`reset_running_stats`, as in
+            ``torch.nn.BatchNorm1d`` (what :func:`callbacks.batchnorm.recompute_population_statistics`
+            uses to replace the running averages by exact population statistics).
         eps: added to the variance.
     """
 
@@ -51,7 +54,7 @@ class StepwiseBatchNorm(nn.Module):
         max_steps: int,
         shift: bool,
         gamma_init: float = 0.1,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
@@ -63,21 +66,53 @@ class StepwiseBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features)) if shift else None
         self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
         self.register_buffer("running_var", torch.ones(max_steps, num_features))
+        # Batches averaged per step when momentum is None; not saved, like the average's progress
+        # it only matters while the averages are being (re)computed.
+        self.register_buffer("num_batches_tracked", torch.zeros(max_steps, 1, dtype=torch.long), persistent=False)
+
+    def reset_running_stats(self) -> None:
+        """Population statistics back to mean 0, variance 1, and the cumulative count to 0."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Normalise ``x`` (N, F), the term of time step ``t``."""
-        if self.training:
-            mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
-            if t < self.max_steps:
-                count = x.shape[0]
-                with torch.no_grad():
-                    self.running_mean[t].lerp_(mean, self.momentum)
-                    self.running_var[t].lerp_(var * count / max(count - 1, 1), self.momentum)
-        else:
+        if not self.training:
             stored = min(t, self.max_steps - 1)
-            mean, var = self.running_mean[stored], self.running_var[stored]
-        normalised = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
-        return normalised if self.bias is None else normalised + self.bias
+            return F.batch_norm(x, self.running_mean[stored], self.running_var[stored], self.weight, self.bias, False, 0.0, self.eps)
+        if t >= self.max_steps:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # The fused kernel normalises and updates the running statistics of step t in place.
+        momentum = self.momentum if self.momentum is not None else float(self._update_weights(t, t + 1))
+        return F.batch_norm(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True, momentum, self.eps)
+
+    def normalise_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` (N, L, F), the terms of steps 0..L-1 at once: the same as calling
+        :meth:`forward` at every step, for a term that does not depend on the recurrence."""
+        batch, length, features = x.shape
+        weight = self.weight.repeat(length)
+        bias = None if self.bias is None else self.bias.repeat(length)
+        flat = x.reshape(batch, length * features)
+        if not self.training:
+            steps = torch.arange(length, device=x.device).clamp_max(self.max_steps - 1)
+            mean, var = self.running_mean[steps].flatten(), self.running_var[steps].flatten()
+            return F.batch_norm(flat, mean, var, weight, bias, False, 0.0, self.eps).view_as(x)
+        stored = min(length, self.max_steps)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x[:, :stored], dim=0)
+            update = self._update_weights(0, stored)
+            self.running_mean[:stored].lerp_(mean, update)
+            self.running_var[:stored].lerp_(var, update)
+        return F.batch_norm(flat, None, None, weight, bias, True, 0.0, self.eps).view_as(x)
+
+    def _update_weights(self, first: int, end: int) -> torch.Tensor:
+        """The weight of a new batch in the running statistics of steps first..end-1, (steps, 1):
+        the momentum, or 1 / (batches so far) for the cumulative average."""
+        if self.momentum is not None:
+            return self.running_mean.new_full((end - first, 1), self.momentum)
+        self.num_batches_tracked[first:end] += 1
+        return self.num_batches_tracked[first:end].to(self.running_mean.dtype).reciprocal()
 
 
 class BNLSTM(PlainLSTM):
@@ -106,8 +141,12 @@ class BNLSTM(PlainLSTM):
         self.hidden_norm = StepwiseBatchNorm(4 * hidden_size, max_steps, shift=False, gamma_init=gamma_init)
         self.cell_norm = StepwiseBatchNorm(hidden_size, max_steps, shift=True, gamma_init=gamma_init)
 
+    def input_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """``BN(W_x x_t) + b`` for every step at once (the input term does not depend on h)."""
+        return self.input_norm.normalise_sequence(self.input_to_hidden(x)) + self.bias
+
     def step(self, input_term: torch.Tensor, state: State, t: int, recurrent_weight: torch.Tensor) -> State:
         hidden, cell = state
-        gates = self.hidden_norm(F.linear(hidden, recurrent_weight), t) + self.input_norm(input_term, t) + self.bias
+        gates = self.hidden_norm(F.linear(hidden, recurrent_weight), t) + input_term
         cell, output_gate = lstm_cell_update(gates, cell)
         return output_gate * torch.tanh(self.cell_norm(cell, t)), cell
