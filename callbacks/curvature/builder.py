@@ -19,7 +19,7 @@ from torch import nn
 
 from callbacks.curvature.blocks import Block, DenseBlock, DiagonalBlock, EigenBlock, KroneckerBlock
 from callbacks.curvature.capture import LayerCapture
-from callbacks.curvature.layers import KroneckerLayer, Layer, ParameterLayout, second_moment
+from callbacks.curvature.layers import KroneckerLayer, Layer, ParameterLayout, input_factor, output_factor, second_moment
 from callbacks.curvature.representations import (
     EKFAC,
     KFAC,
@@ -38,7 +38,7 @@ REPRESENTATIONS = ("dense", "diagonal", "block_diagonal", "kfac", "ekfac", "lowr
 
 class CapturedBatch:
     """One batch: each layer's captured inputs, and its output gradients for each of D draws,
-    stacked per layer as ``gradients[name]`` (D, N, ...). ``draws`` is the per-draw view."""
+    stacked per layer as ``gradients[name]`` (D, N, ...)."""
 
     def __init__(self, size: int, inputs: dict[str, object], draws: Sequence[dict[str, torch.Tensor]]) -> None:
         self.size = size
@@ -51,11 +51,6 @@ class CapturedBatch:
         batch = cls(size, inputs, [])
         batch.gradients = gradients
         return batch
-
-    @property
-    def draws(self) -> list[dict[str, torch.Tensor]]:
-        count = len(next(iter(self.gradients.values()))) if self.gradients else 0
-        return [{name: gradient[d] for name, gradient in self.gradients.items()} for d in range(count)]
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,11 +114,6 @@ def _diagonal(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Te
 def _block(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
     per_example = _per_example(layer, inputs, gradients).flatten(0, 1)
     return per_example.T @ per_example
-
-
-def _output_factor(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
-    flat = gradients.flatten(0, 2)
-    return flat.T @ flat / gradients.shape[2]
 
 
 def _is_outer_product(layer: Layer, inputs: object) -> bool:
@@ -192,10 +182,9 @@ def _kfac_blocks(layout: ParameterLayout, batches: Iterable[CapturedBatch]) -> d
     kronecker, others = _split_layers(layout)
 
     def statistics(batch: CapturedBatch) -> dict:
-        inputs = {("A", name): batch.inputs[name].flatten(0, 1).T @ batch.inputs[name].flatten(0, 1) for name in kronecker}
         return {
-            **inputs,
-            **_per_layer(batch, kronecker, _output_factor, "G"),
+            **{("A", name): input_factor(batch.inputs[name]) for name in kronecker},
+            **{("G", name): output_factor(batch.gradients[name]) for name in kronecker},
             **_per_layer(batch, others, _diagonal, "diagonal"),
         }
 

@@ -176,12 +176,6 @@ class KroneckerLayer(Layer):
         self.in_features = module.weight[0].numel()
         self.in_augmented = self.in_features + int(self.has_bias)
 
-    def augmented(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Append the 1 that multiplies the bias."""
-        if not self.has_bias:
-            return inputs
-        return torch.cat([inputs, inputs.new_ones(*inputs.shape[:-1], 1)], dim=-1)
-
     def to_matrix(self, flat: torch.Tensor) -> torch.Tensor:
         """(..., size) in layout order -> (..., out, in [+1]) with the bias as the last column."""
         weight = flat[..., : self.out_features * self.in_features].unflatten(-1, (self.out_features, self.in_features))
@@ -203,6 +197,43 @@ class KroneckerLayer(Layer):
         return self.from_matrix(torch.einsum("...nto,nti->...noi", output_gradients, inputs))
 
 
+def gram(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix.T @ matrix`` for a (rows, n) matrix, by blocks of about 128 columns (at most 4)
+    computing only the upper block triangle and mirroring it: (k + 1) / 2k of the flops, and the
+    narrower products also run faster (measured about 2x on the 577-column patch matrices of a
+    64-channel 3x3 convolution)."""
+    n = matrix.shape[1]
+    blocks = min(4, n // 128)
+    if blocks < 2:
+        return matrix.T @ matrix
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    result = matrix.new_empty(n, n)
+    for start, stop in zip(edges[:-1], edges[1:]):
+        rows = matrix[:, start:stop].T @ matrix[:, start:]
+        result[start:stop, start:] = rows
+        result[stop:, start:stop] = rows[:, stop - start :].T
+    return result
+
+
+def input_factor(inputs: torch.Tensor) -> torch.Tensor:
+    """KFAC's sum_n sum_t a_nt a_nt^T (in [+1], in [+1]) of captured inputs (N, T, in [+1])."""
+    return gram(inputs.reshape(-1, inputs.shape[-1]))
+
+
+def output_factor(gradients: torch.Tensor) -> torch.Tensor:
+    """KFAC's sum sum_t g_t g_t^T / T (out, out) of captured output gradients (..., T, out), summed over
+    all leading dimensions (examples, draws). A Conv2d's gradients are a transposed view
+    (positions contiguous, see :meth:`Conv2dLayer.captured_output_gradients`), which cannot be
+    flattened to (positions, out) without an element-by-element copy, so they are multiplied per
+    example (a batched product of the views) and summed."""
+    positions, out = gradients.shape[-2:]
+    if positions == 1 or gradients.stride(-1) == 1:
+        flat = gradients.reshape(-1, out)
+        return gram(flat) if positions == 1 else gram(flat) / positions
+    per_example = gradients.reshape(-1, positions, out)
+    return torch.bmm(per_example.transpose(1, 2), per_example).sum(0) / positions
+
+
 def second_moment(inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
     """sum_n (dW_n)^2 of shape (out, in [+1]) for dW_n = sum_t g_nt a_nt^T, from inputs (N, T, in [+1])
     and output gradients (N, T, out), or (D, N, T, out) for D draws, also summed over. With one
@@ -221,20 +252,42 @@ class LinearLayer(KroneckerLayer):
 
     def captured_inputs(self, args: tuple, kwargs: dict) -> torch.Tensor:
         x = args[0].detach()
-        return self.augmented(x.reshape(x.shape[0], -1, x.shape[-1]))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return F.pad(x, (0, 1), value=1.0) if self.has_bias else x
 
     def captured_output_gradients(self, gradients: torch.Tensor) -> torch.Tensor:
         return gradients.reshape(gradients.shape[0], -1, gradients.shape[-1])
+
+
+def conv_patches(inputs: torch.Tensor, conv: nn.Conv2d, append_one: bool = False) -> torch.Tensor:
+    """The input patches of ``conv`` (groups=1, zero padding), (N, T, C kh kw [+1]): position t
+    = output pixel in row-major order, entries channel-major as ``weight.reshape(out, -1)``, a 1
+    appended if ``append_one`` (the bias). Equal to ``F.unfold(padded, ...).transpose(1, 2)``, but
+    written straight into the final buffer, one strided copy per kernel offset (``F.unfold``
+    loops over examples on CPU, and its transposed result has to be copied again to append the 1;
+    one copy of the whole 6-d window view runs an inner loop of kw elements, slower still)."""
+    x = F.pad(inputs, conv._reversed_padding_repeated_twice)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    n, channels, height, width = x.shape
+    out_height, out_width = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    size = channels * kh * kw
+    patches = x.new_empty(n, out_height, out_width, size + int(append_one))
+    offsets = patches[..., :size].unflatten(-1, (channels, kh * kw))
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (out_height - 1) + 1, sh)
+            columns = slice(j * dw, j * dw + sw * (out_width - 1) + 1, sw)
+            offsets[..., i * kw + j].copy_(x[:, :, rows, columns].permute(0, 2, 3, 1))
+    if append_one:
+        patches[..., size] = 1
+    return patches.view(n, out_height * out_width, -1)
 
 
 class Conv2dLayer(KroneckerLayer):
     """``nn.Conv2d`` by unfolded patches: one position per output pixel."""
 
     def captured_inputs(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        conv = self.module
-        x = F.pad(args[0].detach(), conv._reversed_padding_repeated_twice)
-        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-        return self.augmented(patches.transpose(1, 2))
+        return conv_patches(args[0].detach(), self.module, self.has_bias)
 
     def captured_output_gradients(self, gradients: torch.Tensor) -> torch.Tensor:
         return gradients.flatten(2).transpose(1, 2)

@@ -53,7 +53,14 @@ from torch.optim import Optimizer
 from callbacks.curvature.blocks import EigenBlock
 from callbacks.curvature.builder import CapturedBatch
 from callbacks.curvature.capture import LayerCapture
-from callbacks.curvature.layers import KroneckerLayer, ParameterLayout, has_kronecker_form, second_moment
+from callbacks.curvature.layers import (
+    KroneckerLayer,
+    ParameterLayout,
+    has_kronecker_form,
+    input_factor,
+    output_factor,
+    second_moment,
+)
 from callbacks.curvature.targets import FISHER_TYPES, TASKS, output_gradient_draws
 from framework.errors import UserInputError, check_choice, check_positive
 
@@ -91,13 +98,14 @@ _Eigen = tuple[torch.Tensor, torch.Tensor]  # eigenvalues, eigenvectors (columns
 
 
 def _projected_second_moment(inputs: torch.Tensor, gradients: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
-    """sum_n (Q_G^T dW_n Q_A)^2 for dW_n = sum_t g_nt a_nt^T, in the cheaper order: projecting the
-    T positions (T (in^2 + out^2) per example) for Linear layers, projecting the per-example
-    gradients (out in (in + out) per example) when T exceeds out, as in convolutions."""
-    if inputs.shape[1] <= gradients.shape[2]:
+    """sum_n sum_d (Q_G^T dW_nd Q_A)^2 for dW_nd = sum_t g_ndt a_nt^T (inputs (N, T, in [+1]),
+    gradients (D, N, T, out)), in the cheaper order: projecting the T positions (T (in^2 + out^2)
+    per example) for Linear layers, projecting the per-example gradients (out in (in + out) per
+    example) when T exceeds out, as in convolutions."""
+    if inputs.shape[1] <= gradients.shape[-1]:
         return second_moment(inputs @ q_a, gradients @ q_g)
-    per_example = torch.einsum("nto,nti->noi", gradients, inputs)
-    return (q_g.T @ per_example @ q_a).square().sum(0)
+    per_example = torch.einsum("dnto,nti->dnoi", gradients, inputs)
+    return (q_g.T @ per_example @ q_a).square().sum((0, 1))
 
 
 class EKFAC(Optimizer):
@@ -208,8 +216,8 @@ class EKFAC(Optimizer):
             raise UserInputError("EKFAC is not attached to a model: use FisherStatistics(model, optimizer) first")
         dtypes = {name: layer.module.weight.dtype for name, layer in self.layers.items() if name in batch.inputs}
         inputs = {name: batch.inputs[name].to(dtype) for name, dtype in dtypes.items()}
-        draws = [{name: draw[name].to(dtype) for name, dtype in dtypes.items()} for draw in batch.draws]
-        self._pending.append(CapturedBatch(batch.size, inputs, draws))
+        gradients = {name: batch.gradients[name].to(dtype) for name, dtype in dtypes.items()}
+        self._pending.append(CapturedBatch.stacked(batch.size, inputs, gradients))
 
     def pop_metrics(self) -> dict[str, float]:
         """What the last steps measured (``ekfac/...``), cleared on reading."""
@@ -263,11 +271,10 @@ class EKFAC(Optimizer):
         return self.state[next(iter(layer.parameters.values()))]
 
     def _recorded(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(inputs, output gradients) of each draw of each pending batch that ran the layer."""
+        """(inputs, output gradients stacked over draws) of each pending batch that ran the layer."""
         for batch in self._pending:
             if name in batch.inputs:
-                for draw in batch.draws:
-                    yield batch.inputs[name], draw[name]
+                yield batch.inputs[name], batch.gradients[name]
 
     def _running_average(self, state: dict[str, Any], key: str, value: torch.Tensor, what: str) -> None:
         """Fold ``value`` into ``state[key]``; refuse a non-finite result before it reaches the model."""
@@ -287,9 +294,8 @@ class EKFAC(Optimizer):
         if recorded and self._due(self.stats_every):
             factors = {}
             for name in recorded:
-                inputs = torch.cat([batch.inputs[name].flatten(0, 1) for batch in self._pending if name in batch.inputs])
-                factors[f"A {name}"] = inputs.T @ inputs
-                factors[f"G {name}"] = sum(g.flatten(0, 1).T @ g.flatten(0, 1) / g.shape[1] for _, g in self._recorded(name))
+                factors[f"A {name}"] = sum(input_factor(a) for a, _ in self._recorded(name))
+                factors[f"G {name}"] = sum(output_factor(g) for _, g in self._recorded(name))
             averaged = self._averaged(factors)
             for name, layer in recorded.items():
                 state = self._layer_state(layer)
@@ -592,8 +598,8 @@ class FisherStatistics:
             self.samples,
             self._generator(outputs.device),
         )
-        gradients = [capture.output_gradients((outputs.flatten(1) * draw).sum()) for draw in draws]
-        self.optimizer.add_statistics(CapturedBatch(outputs.shape[0], capture.inputs, gradients))
+        gradients = capture.draw_gradients(outputs, draws.to(outputs.dtype))
+        self.optimizer.add_statistics(CapturedBatch.stacked(outputs.shape[0], capture.inputs, gradients))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         step, batch = self._recorded_at

@@ -34,17 +34,16 @@ def _softmax_covariance_factor(p: torch.Tensor) -> torch.Tensor:
     c != k of U H, u_c + u_k s_c / (1 - s_k), are C - 1 draws giving the same sum: one backward
     draw fewer than the classes. k is each example's least likely class (s_k <= 1/sqrt(C), so the
     division is well conditioned)."""
-    classes = p.shape[1]
+    n, classes = p.shape
     if classes == 1:  # one class: the Fisher is zero
         return p.new_zeros(1, *p.shape)
     s = p.sqrt()
     k = p.argmin(dim=1, keepdim=True)  # (N, 1)
-    others = torch.arange(classes - 1, device=p.device)[None] + (torch.arange(classes - 1, device=p.device)[None] >= k).long()
-    s_k = s.gather(1, k)
-    u_k = s_k * p - s_k * F.one_hot(k[:, 0], classes).to(p.dtype)  # (N, C)
-    s_c = s.gather(1, others)  # (N, C - 1)
-    u_c = s_c[:, :, None] * (p[:, None, :] - F.one_hot(others, classes).to(p.dtype))  # (N, C - 1, C)
-    return (u_c + (s_c / (1 - s_k))[:, :, None] * u_k[:, None, :]).transpose(0, 1)
+    u = s[:, :, None] * (p[:, None, :] - torch.eye(classes, dtype=p.dtype, device=p.device))  # (N, C, C), row c: u_c
+    u_k = u.gather(1, k[:, :, None].expand(-1, 1, classes))  # (N, 1, C)
+    reflected = u + (s / (1 - s.gather(1, k)))[:, :, None] * u_k
+    others = torch.ones_like(p, dtype=torch.bool).scatter_(1, k, False)  # rows c != k, in order
+    return reflected[others].view(n, classes - 1, classes).transpose(0, 1)
 
 
 def output_gradient_draws(
