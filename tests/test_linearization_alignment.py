@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from test_linearization_ntk import _model_and_inputs
 
 from callbacks.linearization import (
+    CenteredKernel,
     EmpiricalNTK,
     center_kernel,
     kernel_alignment,
@@ -73,6 +74,18 @@ def test_kernel_alignment_is_one_for_the_same_geometry_and_symmetric():
     assert alignment < 1 - 1e-6
     torch.testing.assert_close(kernel_alignment(moved, kernel), alignment)
     torch.testing.assert_close(alignment, _cosine(center_kernel(kernel), center_kernel(moved)))
+
+
+def test_a_centred_reference_aligns_many_kernels_as_kernel_alignment_does():
+    """Centred once and reused (as the callback does with the targets and the initial kernel)."""
+    model, inputs = _model_and_inputs("mixed")
+    kernels = EmpiricalNTK(mode="trace").layerwise(model, inputs)
+    targets = CenteredKernel(target_kernel(LABELS))
+    for kernel in kernels.values():
+        torch.testing.assert_close(targets.alignment(kernel), kernel_target_alignment(kernel, LABELS))
+        torch.testing.assert_close(CenteredKernel(kernel).alignment(kernels["head"]), kernel_alignment(kernels["head"], kernel))
+    with pytest.raises(UserInputError, match="same shape"):
+        targets.alignment(torch.eye(3))
 
 
 def test_layerwise_target_alignment_aligns_each_layer_kernel():

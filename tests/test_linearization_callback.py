@@ -21,6 +21,7 @@ from callbacks.linearization import (
     EmpiricalNTK,
     NTKAlignment,
     kernel_alignment,
+    kernel_heatmap,
     kernel_target_alignment,
     next_scheduled_step,
     scheduled_steps,
@@ -95,7 +96,17 @@ def test_logged_values_equal_those_of_a_directly_computed_kernel_on_the_probe(tm
     (run,) = find_offline_runs(tmp_path)
     images = [row for row in read_history(run) if row.get("ntk/kernel/_type") == "image-file"]
     assert [row["trainer/global_step"] for row in images] == [0, 4, 8]
-    assert (images[0]["ntk/kernel/width"], images[0]["ntk/kernel/height"]) == (128, 128)
+    assert (images[0]["ntk/kernel/width"], images[0]["ntk/kernel/height"]) == (256, 256), "8 pixels per entry of the 32 x 32 kernel"
+
+
+@pytest.mark.parametrize(("probe_size", "side"), [(32, 256), (100, 300), (128, 256), (256, 256), (300, 300)])
+def test_heatmap_is_at_least_256_pixels_wide_from_white_to_dark_blue(probe_size, side):
+    kernel = torch.arange(probe_size**2, dtype=torch.float32).reshape(probe_size, probe_size)
+    image = kernel_heatmap(kernel)
+    assert image.shape == (side, side, 3) and image.dtype.name == "uint8"
+    assert image[0, 0].tolist() == [255, 255, 255] and image[-1, -1].tolist() == [8, 48, 107]
+    pixels = side // probe_size
+    assert (image[:pixels, :pixels] == image[0, 0]).all() and not (image[:, pixels] == image[0, 0]).all()
 
 
 def test_schedules_give_the_expected_steps():
@@ -108,6 +119,16 @@ def test_schedules_give_the_expected_steps():
     # A step that is not scheduled (e.g. a run resumed without the callback) goes to the next one.
     assert next_scheduled_step("every_k", 5, every_k=3) == 6
     assert next_scheduled_step("log_spaced", 52) == 60
+
+
+def test_default_schedule_starts_later_to_keep_the_overhead_within_budget():
+    """40 * floor(1.15^i): every 40 steps up to 400, then sparser; 3 evaluations in the digits
+    experiment's 120 steps and 13 in 600 (docs/benchmarks.md, NTK alignment callback)."""
+    defaults = NTKAlignment()
+    options = {"every_k": defaults.every_k, "log_base": defaults.log_base, "log_growth": defaults.log_growth}
+    steps = partial(scheduled_steps, defaults.schedule, **options)
+    assert steps(119) == [0, 40, 80]
+    assert steps(599) == [0, 40, 80, 120, 160, 200, 240, 280, 320, 360, 400, 480, 560]
 
 
 @pytest.mark.parametrize(

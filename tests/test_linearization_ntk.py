@@ -132,17 +132,27 @@ def test_layer_names_are_the_modules_owning_parameters():
 
 
 @pytest.mark.parametrize("positions", [(1, 1), (3, 2)])
-@pytest.mark.parametrize("diagonal", [False, True])
-def test_both_contraction_orders_of_layer_factors_agree(positions, diagonal):
+@pytest.mark.parametrize("mode", ["full", "diagonal", "trace"])
+def test_both_contraction_orders_of_layer_factors_agree_with_explicit_jacobians(positions, mode):
     """Over pairs of positions, and through per-example layer gradients (the structured path
-    picks one per layer by cost, so the models above need not exercise both)."""
+    picks one per layer by cost, so the models above need not exercise both), against the
+    kernel of the layer's explicit per-example Jacobians ``sum_l G[a, i, l] (x) A[i, l]``; traced
+    (summed over outputs) blocks never pass through the per-output kernel."""
     torch.manual_seed(0)
     factors = [
         _LayerFactors(torch.randn(n, length, 5, dtype=torch.float64), torch.randn(3, n, length, 4, dtype=torch.float64))
         for n, length in zip((4, 2), positions)
     ]
-    expected = _contract_jacobians(_layer_gradients(factors[0]), _layer_gradients(factors[1]), diagonal)
-    torch.testing.assert_close(_block_through_positions(*factors, diagonal), expected)
+    jacobians = [torch.einsum("ailc,ilp->iacp", f.output_gradients, f.inputs).flatten(start_dim=2) for f in factors]
+    full = torch.einsum("iap,jbp->ijab", *jacobians)
+    expected = {"full": full, "diagonal": torch.diagonal(full, dim1=2, dim2=3), "trace": torch.diagonal(full, dim1=2, dim2=3).sum(-1)}[mode]
+    gradients = [_layer_gradients(f, mode) for f in factors]
+    torch.testing.assert_close(_contract_jacobians(*gradients, mode), expected)
+    torch.testing.assert_close(_block_through_positions(*factors, mode), expected)
+    same = _layer_gradients(factors[0], mode)  # a block on the diagonal of K(X, X): half of a symmetric product
+    expected_same = _contract_jacobians(same, same.clone(), mode)
+    torch.testing.assert_close(_contract_jacobians(same, same, mode), expected_same)
+    torch.testing.assert_close(_block_through_positions(factors[0], factors[0], mode), expected_same)
 
 
 def test_symmetric_gram_equals_the_plain_product_across_recursion_levels():
@@ -162,6 +172,7 @@ def test_cross_kernel_between_image_sizes_mixing_both_contraction_orders():
     for mode, expected, swapped in [
         ("full", full, full.permute(1, 0, 3, 2)),
         ("diagonal", torch.diagonal(full, dim1=2, dim2=3), torch.diagonal(full, dim1=2, dim2=3).transpose(0, 1)),
+        ("trace", torch.diagonal(full, dim1=2, dim2=3).mean(-1), torch.diagonal(full, dim1=2, dim2=3).mean(-1).T),
     ]:
         ntk = EmpiricalNTK(mode=mode, implementation="structured", chunk_size=3)
         torch.testing.assert_close(ntk(model, small, large), expected)

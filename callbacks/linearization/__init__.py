@@ -4,6 +4,7 @@ or alpha-scaled twins of a model, per-example difficulty (Baratin et al. 2021; G
 (:class:`NTKAlignment`, :class:`LazyVsReal`)."""
 
 from callbacks.linearization.alignment import (
+    CenteredKernel,
     center_kernel,
     kernel_alignment,
     kernel_target_alignment,
@@ -32,6 +33,7 @@ from callbacks.linearization.ntk import EmpiricalNTK, parameter_groups
 
 __all__ = [
     "AlphaScaledModel",
+    "CenteredKernel",
     "DifficultyScore",
     "EmpiricalNTK",
     "FileScores",

@@ -34,14 +34,28 @@ def target_kernel(targets: torch.Tensor, num_classes: int | None = None) -> torc
     return targets @ targets.T
 
 
+class CenteredKernel:
+    """A reference kernel centred once, with its norm, for aligning many kernels with it (as a
+    callback does at every evaluation with the targets' kernel and the kernel at initialisation)."""
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        self.shape = kernel.shape
+        self.centred = center_kernel(kernel.double())
+        self.norm = self.centred.norm()
+
+    def alignment(self, kernel: torch.Tensor) -> torch.Tensor:
+        """:func:`kernel_alignment` of ``kernel`` with this reference."""
+        if kernel.shape != self.shape:
+            raise UserInputError(f"kernels to align must have the same shape, got {tuple(kernel.shape)} and {tuple(self.shape)}")
+        centred = center_kernel(kernel.double())
+        return (centred * self.centred).sum() / (centred.norm() * self.norm)
+
+
 def kernel_alignment(kernel_1: torch.Tensor, kernel_2: torch.Tensor) -> torch.Tensor:
     """Centred alignment ``<K1_c, K2_c>_F / (||K1_c||_F ||K2_c||_F)`` in [-1, 1] of two kernels of
     the same shape (examples on dimensions 0 and 1, e.g. the NTK now and at initialisation: 1
     means the same geometry up to scale, as in the lazy regime). NaN if either centred kernel is 0."""
-    if kernel_1.shape != kernel_2.shape:
-        raise UserInputError(f"kernels to align must have the same shape, got {tuple(kernel_1.shape)} and {tuple(kernel_2.shape)}")
-    centred_1, centred_2 = center_kernel(kernel_1.double()), center_kernel(kernel_2.double())
-    return (centred_1 * centred_2).sum() / (centred_1.norm() * centred_2.norm())
+    return CenteredKernel(kernel_2).alignment(kernel_1)
 
 
 def kernel_target_alignment(kernel: torch.Tensor, targets: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:

@@ -27,6 +27,10 @@ by ``implementation="auto"`` or by name:
   the examples along its input's first dimension and that its parameters are used only through
   its own forward (a layer that is never called is refused).
 
+Traced kernels are summed over outputs inside each contraction (one Gram matrix of the
+gradients flattened over outputs and parameters, or of the output gradients flattened over
+outputs and channels), never formed per output and reduced afterwards.
+
 ``"auto"`` picks ``"structured"`` when at least half of the trainable parameters are in layers
 it factorises and no parameter is shared between modules, else ``"jacobian"``.
 
@@ -121,14 +125,14 @@ class EmpiricalNTK:
         function = _ModelFunction(model)
         if implementation == "structured":
             _check_no_shared_parameters(model)
-            kernels_of = _StructuredKernels(function, model, groups, diagonal=self.mode != "full")
+            kernels_of = _StructuredKernels(function, model, groups, self.mode)
         else:
             if not per_layer:  # one group: a single contraction, and one NTK-vector product pass
                 groups = {"total": [name for names in groups.values() for name in names]}
             kernels_of = _JacobianKernels(function, groups) if implementation == "jacobian" else _NTKVectorKernels(function, groups)
-        kernels = _assemble(kernels_of, inputs_1, inputs_2, self.chunk_size, diagonal=self.mode != "full", per_layer=per_layer)
-        if self.mode == "trace":
-            kernels = {g: k.mean(-1) if self.trace_reduction == "mean" else k.sum(-1) for g, k in kernels.items()}
+        kernels = _assemble(kernels_of, inputs_1, inputs_2, self.chunk_size, self.mode, per_layer)
+        if self.mode == "trace" and self.trace_reduction == "mean":
+            kernels = {g: k / function.num_outputs for g, k in kernels.items()}
         return {g: center_kernel(k) for g, k in kernels.items()} if self.centered else kernels
 
 
@@ -154,15 +158,19 @@ def _check_no_shared_parameters(model: nn.Module) -> None:
 
 class _ModelFunction:
     """The model as a function of its trainable parameters (detached, at their current values)
-    and of a batch of inputs, with outputs flattened to (n, O)."""
+    and of a batch of inputs, with outputs flattened to (n, O); ``num_outputs`` is O, known after
+    the first call."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.parameters = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        self.num_outputs = 0
 
     def __call__(self, inputs: torch.Tensor, overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         parameters = self.parameters if overrides is None else {**self.parameters, **overrides}
-        return functional_call(self.model, parameters, (inputs,)).reshape(inputs.shape[0], -1)
+        outputs = functional_call(self.model, parameters, (inputs,)).reshape(inputs.shape[0], -1)
+        self.num_outputs = outputs.shape[1]
+        return outputs
 
     def subset(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.parameters[name] for name in names}
@@ -170,18 +178,20 @@ class _ModelFunction:
 
 class _Implementation(Protocol):
     """Features of a chunk of examples (Jacobians, layer factors, or the inputs themselves), and
-    the kernel block of each group between the features of two chunks."""
+    the kernel block of each group between the features of two chunks, in a ``mode`` of
+    :data:`MODES` (``"trace"`` summed over outputs)."""
 
     def features(self, inputs: torch.Tensor) -> Any: ...
 
-    def blocks(self, features_1: Any, features_2: Any, diagonal: bool) -> dict[str, torch.Tensor]: ...
+    def blocks(self, features_1: Any, features_2: Any, mode: str) -> dict[str, torch.Tensor]: ...
 
 
 def _assemble(
-    kernels_of: _Implementation, inputs_1: torch.Tensor, inputs_2: torch.Tensor | None, chunk_size: int, diagonal: bool, per_layer: bool
+    kernels_of: _Implementation, inputs_1: torch.Tensor, inputs_2: torch.Tensor | None, chunk_size: int, mode: str, per_layer: bool
 ) -> dict[str, torch.Tensor]:
     """Fill the kernels (one per group, or their sum as ``"total"``) block by block over chunks of
-    examples; for ``K(X, X)`` only blocks on or above the diagonal are computed, the others mirrored."""
+    examples; for ``K(X, X)`` only blocks on or above the diagonal are computed, the others mirrored.
+    In ``"trace"`` mode the blocks are already summed over outputs, never formed per output."""
     symmetric = inputs_2 is None
     inputs_2 = inputs_1 if symmetric else inputs_2
     column_features = _FeatureCache(kernels_of)
@@ -194,7 +204,7 @@ def _assemble(
             # On the diagonal of K(X, X) both sides are the same features: contractions see it and
             # compute only half of the symmetric block.
             features_2 = features_1 if symmetric and columns == rows else column_features.get(columns, chunk_2)
-            blocks = kernels_of.blocks(features_1, features_2, diagonal)
+            blocks = kernels_of.blocks(features_1, features_2, mode)
             if not per_layer:
                 blocks = {"total": sum(blocks.values())}
             for group, block in blocks.items():
@@ -202,7 +212,7 @@ def _assemble(
                     kernels[group] = block.new_zeros(len(inputs_1), len(inputs_2), *block.shape[2:])
                 kernels[group][rows, columns] = block
                 if symmetric and columns != rows:
-                    kernels[group][columns, rows] = block.transpose(0, 1) if diagonal else block.permute(1, 0, 3, 2)
+                    kernels[group][columns, rows] = block.permute(1, 0, 3, 2) if mode == "full" else block.transpose(0, 1)
     return kernels
 
 
@@ -240,13 +250,19 @@ def _chunks(inputs: torch.Tensor, chunk_size: int) -> Iterator[tuple[slice, torc
         yield slice(start, min(start + chunk_size, len(inputs))), inputs[start : start + chunk_size]
 
 
-def _contract_jacobians(jacobians_1: torch.Tensor, jacobians_2: torch.Tensor, diagonal: bool) -> torch.Tensor:
+def _contract_jacobians(jacobians_1: torch.Tensor, jacobians_2: torch.Tensor, mode: str) -> torch.Tensor:
     """Kernel block from per-example Jacobians (n1, O, P) and (n2, O, P); half the work when
-    both are the same tensor (a block on the diagonal of K(X, X))."""
-    if jacobians_1 is not jacobians_2:
-        return torch.einsum("iap,jap->ija" if diagonal else "iap,jbp->ijab", jacobians_1, jacobians_2)
+    both are the same tensor (a block on the diagonal of K(X, X)). Traced, one product of the
+    Jacobians flattened over outputs and parameters, in whatever per-example order both sides
+    share (the traced layer gradients of :func:`_layer_gradients` are already flat)."""
+    same = jacobians_1 is jacobians_2
+    if mode == "trace":
+        rows_1, rows_2 = jacobians_1.flatten(start_dim=1), jacobians_2.flatten(start_dim=1)
+        return _symmetric_gram(rows_1) if same else rows_1 @ rows_2.T
+    if not same:
+        return torch.einsum("iap,jap->ija" if mode == "diagonal" else "iap,jbp->ijab", jacobians_1, jacobians_2)
     n, num_outputs, _ = jacobians_1.shape
-    if diagonal:
+    if mode == "diagonal":
         return _symmetric_gram(jacobians_1.transpose(0, 1)).permute(1, 2, 0)
     return _symmetric_gram(jacobians_1.reshape(n * num_outputs, -1)).reshape(n, num_outputs, n, num_outputs).transpose(1, 2)
 
@@ -287,8 +303,8 @@ class _JacobianKernels:
             for group, names in self.groups.items()
         }
 
-    def blocks(self, features_1: dict, features_2: dict, diagonal: bool) -> dict[str, torch.Tensor]:
-        return {group: _contract_jacobians(features_1[group], features_2[group], diagonal) for group in self.groups}
+    def blocks(self, features_1: dict, features_2: dict, mode: str) -> dict[str, torch.Tensor]:
+        return {group: _contract_jacobians(features_1[group], features_2[group], mode) for group in self.groups}
 
 
 class _NTKVectorKernels:
@@ -302,10 +318,10 @@ class _NTKVectorKernels:
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs
 
-    def blocks(self, inputs_1: torch.Tensor, inputs_2: torch.Tensor, diagonal: bool) -> dict[str, torch.Tensor]:
-        return {group: self._block(inputs_1, inputs_2, names, diagonal) for group, names in self.groups.items()}
+    def blocks(self, inputs_1: torch.Tensor, inputs_2: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+        return {group: self._block(inputs_1, inputs_2, names, mode) for group, names in self.groups.items()}
 
-    def _block(self, inputs_1: torch.Tensor, inputs_2: torch.Tensor, names: list[str], diagonal: bool) -> torch.Tensor:
+    def _block(self, inputs_1: torch.Tensor, inputs_2: torch.Tensor, names: list[str], mode: str) -> torch.Tensor:
         primals = self.function.subset(names)
         outputs_2, pullback = vjp(lambda parameters: self.function(inputs_2, parameters), primals)
         n2, num_outputs = outputs_2.shape
@@ -317,7 +333,10 @@ class _NTKVectorKernels:
 
         products = vmap(push_forward)(directions)  # (n2 * O, n1, O): K[i, j, a, b] at [(j, b), i, a]
         kernel = products.reshape(n2, num_outputs, len(inputs_1), num_outputs).permute(2, 0, 3, 1)
-        return torch.diagonal(kernel, dim1=2, dim2=3) if diagonal else kernel
+        if mode == "full":
+            return kernel
+        diagonal = torch.diagonal(kernel, dim1=2, dim2=3)
+        return diagonal.sum(-1) if mode == "trace" else diagonal
 
 
 @dataclass
@@ -355,9 +374,9 @@ def _owner(model: nn.Module, group: str) -> nn.Module:
 class _StructuredKernels:
     """Factorised kernels for Linear and Conv2d layers, Jacobian contraction for the rest."""
 
-    def __init__(self, function: _ModelFunction, model: nn.Module, groups: dict[str, list[str]], diagonal: bool) -> None:
+    def __init__(self, function: _ModelFunction, model: nn.Module, groups: dict[str, list[str]], mode: str) -> None:
         self.function = function
-        self.diagonal = diagonal
+        self.mode = mode
         self.order = list(groups)
         self.layers = {group: _owner(model, group) for group in groups if _factorizable(_owner(model, group))}
         # Which of weight and bias are trainable, read now: inside functional_call they are detached.
@@ -372,15 +391,15 @@ class _StructuredKernels:
         those gradients (formed once per chunk, not once per block); Jacobians of the rest."""
         features: dict[str, _LayerFactors | torch.Tensor] = {}
         for group, factors in (self._layer_factors(inputs) if self.layers else {}).items():
-            through_gradients = _cheaper_through_gradients(factors, factors, self.diagonal)
-            features[group] = _layer_gradients(factors) if through_gradients else factors
+            through_gradients = _cheaper_through_gradients(factors, factors, self.mode)
+            features[group] = _layer_gradients(factors, self.mode) if through_gradients else factors
         if self.fallback.groups:
             features.update(self.fallback.features(inputs))
         return features
 
-    def blocks(self, features_1: dict, features_2: dict, diagonal: bool) -> dict[str, torch.Tensor]:
-        blocks = self.fallback.blocks(features_1, features_2, diagonal) if self.fallback.groups else {}
-        blocks.update({group: _factorized_block(features_1[group], features_2[group], diagonal) for group in self.layers})
+    def blocks(self, features_1: dict, features_2: dict, mode: str) -> dict[str, torch.Tensor]:
+        blocks = self.fallback.blocks(features_1, features_2, mode) if self.fallback.groups else {}
+        blocks.update({group: _factorized_block(features_1[group], features_2[group], mode) for group in self.layers})
         return {group: blocks[group] for group in self.order}
 
     def _layer_factors(self, inputs: torch.Tensor) -> dict[str, _LayerFactors]:
@@ -400,7 +419,7 @@ class _StructuredKernels:
         factors = {}
         for group, layer in self.layers.items():
             per_call = [_output_gradient_factor(layer, next(gradients_by_probe), n) for _ in probes[group]]
-            factors[group] = _LayerFactors(torch.cat(layer_inputs[group], dim=1), torch.cat(per_call, dim=2))
+            factors[group] = _LayerFactors(_concatenate(layer_inputs[group], dim=1), _concatenate(per_call, dim=2))
         return factors
 
     def _forward_with_probes(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
@@ -444,6 +463,11 @@ class _StructuredKernels:
         return torch.cat(columns, dim=2)
 
 
+def _concatenate(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` without the copy when there is one tensor (a layer called once)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def _output_gradient_factor(layer: nn.Module, gradient: torch.Tensor, n: int) -> torch.Tensor:
     """Gradients with respect to a layer's output, (O, n, ...), as (O, n, L, c)."""
     if isinstance(layer, nn.Conv2d):
@@ -451,21 +475,21 @@ def _output_gradient_factor(layer: nn.Module, gradient: torch.Tensor, n: int) ->
     return gradient.reshape(gradient.shape[0], n, -1, gradient.shape[-1])
 
 
-def _factorized_block(features_1: _LayerFactors | torch.Tensor, features_2: _LayerFactors | torch.Tensor, diagonal: bool) -> torch.Tensor:
+def _factorized_block(features_1: _LayerFactors | torch.Tensor, features_2: _LayerFactors | torch.Tensor, mode: str) -> torch.Tensor:
     """``K[i, j, a, b] = sum_{l, m} (A1[i, l] . A2[j, m]) (G1[a, i, l] . G2[b, j, m])``, contracted
     over pairs of positions from the layer factors, or through each example's gradient of the
     layer, ``sum_l G[a, i, l] (x) A[i, l]``, when the features already are those gradients (if
     only one side is, as for inputs of two image sizes, the other side's are formed)."""
     if isinstance(features_1, _LayerFactors) and isinstance(features_2, _LayerFactors):
-        return _block_through_positions(features_1, features_2, diagonal)
+        return _block_through_positions(features_1, features_2, mode)
     if isinstance(features_1, _LayerFactors):
-        features_1 = _layer_gradients(features_1)
+        features_1 = _layer_gradients(features_1, mode)
     if isinstance(features_2, _LayerFactors):
-        features_2 = _layer_gradients(features_2)
-    return _contract_jacobians(features_1, features_2, diagonal)
+        features_2 = _layer_gradients(features_2, mode)
+    return _contract_jacobians(features_1, features_2, mode)
 
 
-def _cheaper_through_gradients(factors_1: _LayerFactors, factors_2: _LayerFactors, diagonal: bool) -> bool:
+def _cheaper_through_gradients(factors_1: _LayerFactors, factors_2: _LayerFactors, mode: str) -> bool:
     """Whether contracting per-example layer gradients (one large matrix product) is expected to
     be faster than contracting over pairs of positions, by multiplications per pair of examples
     with the latter weighted by ``POSITION_PAIRS_SLOWDOWN``. Layers at a single position (Linear)
@@ -474,12 +498,12 @@ def _cheaper_through_gradients(factors_1: _LayerFactors, factors_2: _LayerFactor
     positions_2, fan_in = factors_2.inputs.shape[1:]
     if positions_1 == positions_2 == 1:
         return False
-    outputs_2 = 1 if diagonal else num_outputs
+    outputs_2 = num_outputs if mode == "full" else 1
     through_positions = positions_1 * positions_2 * (fan_in + num_outputs * width) + positions_1 * num_outputs * outputs_2 * width
     return num_outputs * outputs_2 * fan_in * width < POSITION_PAIRS_SLOWDOWN * through_positions
 
 
-def _block_through_positions(factors_1: _LayerFactors, factors_2: _LayerFactors, diagonal: bool) -> torch.Tensor:
+def _block_through_positions(factors_1: _LayerFactors, factors_2: _LayerFactors, mode: str) -> torch.Tensor:
     """The factorised kernel block over pairs of positions: input Gram times output-gradient Gram."""
     inputs_1, gradients_1 = factors_1.inputs, factors_1.output_gradients
     inputs_2, gradients_2 = factors_2.inputs, factors_2.output_gradients
@@ -488,19 +512,28 @@ def _block_through_positions(factors_1: _LayerFactors, factors_2: _LayerFactors,
         gram = (lambda rows_1, rows_2: _symmetric_gram(rows_1)) if same else (lambda rows_1, rows_2: rows_1 @ rows_2.transpose(-1, -2))
         input_gram = gram(inputs_1[:, 0], inputs_2[:, 0])
         gradients_1, gradients_2 = gradients_1[:, :, 0], gradients_2[:, :, 0]  # (O, n, c)
-        if diagonal:
+        if mode == "diagonal":
             return input_gram.unsqueeze(2) * gram(gradients_1, gradients_2).permute(1, 2, 0)
-        rows_1, rows_2 = gradients_1.transpose(0, 1).flatten(end_dim=1), gradients_2.transpose(0, 1).flatten(end_dim=1)
+        rows_1, rows_2 = gradients_1.transpose(0, 1).flatten(start_dim=1), gradients_2.transpose(0, 1).flatten(start_dim=1)
+        if mode == "trace":  # sum over outputs: one Gram of the gradients flattened over (outputs, width)
+            return input_gram * gram(rows_1, rows_2)
+        rows_1, rows_2 = rows_1.reshape(-1, gradients_1.shape[2]), rows_2.reshape(-1, gradients_2.shape[2])
         gradient_gram = gram(rows_1, rows_2).reshape(len(input_gram), -1, input_gram.shape[1], gradients_2.shape[0])
         return (input_gram[:, None, :, None] * gradient_gram).permute(0, 2, 1, 3)
     input_gram = torch.einsum("ilp,jmp->ijlm", inputs_1, inputs_2)
     weighted_gradients_2 = torch.einsum("ijlm,bjmc->ijlbc", input_gram, gradients_2)
-    return torch.einsum("ailc,ijlac->ija" if diagonal else "ailc,ijlbc->ijab", gradients_1, weighted_gradients_2)
+    contraction = {"full": "ailc,ijlbc->ijab", "diagonal": "ailc,ijlac->ija", "trace": "ailc,ijlac->ij"}[mode]
+    return torch.einsum(contraction, gradients_1, weighted_gradients_2)
 
 
-def _layer_gradients(factors: _LayerFactors) -> torch.Tensor:
-    """Per-example Jacobians of the layer output with respect to its parameters, (n, O, c p):
-    one batched product over examples of (O c, L) by (L, p)."""
+def _layer_gradients(factors: _LayerFactors, mode: str) -> torch.Tensor:
+    """Per-example Jacobians of the layer output with respect to its parameters, (n, O, c p), from
+    one batched product over examples of (p, L) by (L, O c); in ``"trace"`` mode, where only their
+    products summed over outputs and parameters count, (n, p O c) as that product lays them out
+    (no copy; this layout is also the fastest of the product's, about 1.5x on SmallCNN's convolutions)."""
     num_outputs, n, positions, width = factors.output_gradients.shape
-    gradients = factors.output_gradients.permute(1, 0, 3, 2).reshape(n, num_outputs * width, positions)
-    return torch.bmm(gradients, factors.inputs).reshape(n, num_outputs, -1)
+    gradients = factors.output_gradients.permute(1, 2, 0, 3).reshape(n, positions, num_outputs * width)
+    products = torch.bmm(factors.inputs.transpose(1, 2), gradients)
+    if mode == "trace":
+        return products.reshape(n, -1)
+    return products.reshape(n, -1, num_outputs, width).permute(0, 2, 3, 1).reshape(n, num_outputs, -1)
