@@ -41,6 +41,7 @@ __all__ = [
     "compare",
     "compare_samples",
     "environment",
+    "environment_report",
     "time_function",
     "torch_threads",
 ]
@@ -360,6 +361,15 @@ def busy_warning(threshold: float = 0.5) -> str | None:
     if load <= threshold * cores:
         return None
     return f"WARNING: load average {load:.2f} on {cores} cores: other processes compete for the CPU; wall times are unreliable"
+
+
+def environment_report() -> str:
+    """``## Environment`` and :func:`environment` as a Markdown list, followed by
+    :func:`busy_warning` when the machine is busy: the header every benchmark prints."""
+    lines = ["## Environment", "", *(f"- {key}: {value}" for key, value in environment().items())]
+    if warning := busy_warning():
+        lines += ["", warning]
+    return "\n".join(lines)
 
 
 def _cpu_model() -> str:

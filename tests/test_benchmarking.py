@@ -14,6 +14,7 @@ from framework.benchmarking import (
     compare,
     compare_samples,
     environment,
+    environment_report,
     format_ms,
     time_function,
     torch_threads,
@@ -147,3 +148,12 @@ def test_busy_warning_follows_the_load_average(monkeypatch):
     assert busy_warning() is None
     monkeypatch.setattr("os.getloadavg", lambda: (5.0, 4.0, 3.0))
     assert "load average 5.00 on 2 cores" in busy_warning()
+
+
+def test_environment_report_lists_the_environment_and_warns_when_busy(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.3, 0.3, 0.3))
+    quiet = environment_report()
+    assert quiet.startswith("## Environment\n\n- python: ") and "WARNING" not in quiet
+    monkeypatch.setattr("os.getloadavg", lambda: (5.0, 4.0, 3.0))
+    assert environment_report().endswith(busy_warning())

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.gradient_propagation.core import hidden_state_gradient_norms, recurrent_matrices, spectrum_summary
-from callbacks.linearization.callback import SCHEDULES, next_scheduled_step
-from framework.errors import UserInputError, check_choice, check_positive
+from callbacks.linearization.callback import check_schedule, next_scheduled_step
+from framework.errors import UserInputError, check_positive
 from framework.models.rnn_base import RecurrentNetwork
 from framework.probes import training_probe
 from framework.tasks.sequence import LOSSES
@@ -72,11 +72,7 @@ class GradientPropagation(Callback):
         spectrum: bool = True,
     ) -> None:
         check_positive("probe_size", probe_size)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_positive("every_k", every_k)
-        check_positive("log_base", log_base)
-        if not log_growth > 1.0:
-            raise UserInputError(f"log_growth={log_growth!r} must be > 1 (the log-spaced schedule's growth factor)")
+        check_schedule(schedule, every_k, log_base, log_growth)
         self.probe_size = probe_size
         self.probe_seed = probe_seed
         self.schedule = schedule

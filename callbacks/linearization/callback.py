@@ -27,6 +27,15 @@ HIGH_COLOUR = np.array([8.0, 48.0, 107.0])
 HEATMAP_MIN_SIDE = 256
 
 
+def check_schedule(schedule: str, every_k: int, log_base: int, log_growth: float) -> None:
+    """Refuse a schedule :func:`next_scheduled_step` cannot follow, naming the bad option."""
+    check_choice("schedule", schedule, SCHEDULES)
+    check_positive("every_k", every_k)
+    check_positive("log_base", log_base)
+    if not log_growth > 1.0:
+        raise UserInputError(f"log_growth={log_growth!r} must be > 1 (the log-spaced schedule's growth factor)")
+
+
 def next_scheduled_step(schedule: str, step: int, every_k: int = 50, log_base: int = 5, log_growth: float = 1.15) -> int:
     """The first scheduled global step strictly after ``step`` (step 0 is always scheduled).
 
@@ -120,11 +129,7 @@ class NTKAlignment(Callback):
         chunk_size: int = 128,
     ) -> None:
         check_positive("probe_size", probe_size)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_positive("every_k", every_k)
-        check_positive("log_base", log_base)
-        if not log_growth > 1.0:
-            raise UserInputError(f"log_growth={log_growth!r} must be > 1 (the log-spaced schedule's growth factor)")
+        check_schedule(schedule, every_k, log_base, log_growth)
         check_positive("num_eigenvalues", num_eigenvalues, allow_zero=True)
         if num_eigenvalues > probe_size:
             raise UserInputError(f"num_eigenvalues={num_eigenvalues} exceeds probe_size={probe_size}, the number of eigenvalues")

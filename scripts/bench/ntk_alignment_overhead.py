@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from callbacks.linearization import NTKAlignment, scheduled_steps  # noqa: E402
-from framework.benchmarking import Comparison, StepTimer, busy_warning, compare_samples, environment, torch_threads  # noqa: E402
+from framework.benchmarking import Comparison, StepTimer, busy_warning, compare_samples, environment_report, torch_threads  # noqa: E402
 from framework.data import DigitsDataModule  # noqa: E402
 from framework.models import SmallCNN  # noqa: E402
 from framework.tasks import ClassificationTask  # noqa: E402
@@ -110,11 +110,7 @@ def main() -> None:
     steps = args.epochs * -(-len(datamodule.datasets["train"]) // 64)
     evaluations = scheduled_steps(defaults.schedule, steps - 1, defaults.every_k, defaults.log_base, defaults.log_growth)
     with torch_threads(args.threads):
-        print("## Environment\n")
-        for key, value in environment().items():
-            print(f"- {key}: {value}")
-        if warning := busy_warning():
-            print(f"\n{warning}")
+        print(environment_report())
         print(
             f"\nSmallCNN 16-32 on digits, batch 64, {args.epochs} epochs = {steps} steps, no validation, "
             f"logger={'WandbLogger(offline)' if args.wandb else 'False'}; NTKAlignment defaults: probe_size={defaults.probe_size}, "

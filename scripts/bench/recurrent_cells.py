@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from framework.benchmarking import busy_warning, compare, environment
+from framework.benchmarking import busy_warning, compare, environment_report
 from framework.models.rnn_base import PlainLSTM, PlainRNN
 from framework.models.rnn_batchnorm import BNLSTM, BNRNN
 from framework.models.rnn_memory import RelevancyMemoryRNN
@@ -85,8 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, args.length, args.input_size)
     candidates = {name: training_pass(model.train(), x) for name, model in models(args).items() if args.only is None or name in args.only or name == "torch.nn.LSTM"}
-    print(environment())
-    print(busy_warning() or "machine not busy")
+    print(environment_report())
     comparison = compare(candidates, baseline="torch.nn.LSTM", repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     print(busy_warning() or "machine not busy")
     print(f"\nforward + backward over N={args.batch_size}, L={args.length}, D={args.input_size}, H={args.hidden}\n")

@@ -45,7 +45,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from framework.benchmarking import Comparison, StepTimer, Timing, busy_warning, compare_samples, environment, torch_threads
+from framework.benchmarking import Comparison, StepTimer, Timing, busy_warning, compare_samples, environment_report, torch_threads
 from framework.data import DigitsDataModule
 from framework.models import WideResNet
 from framework.tasks import ClassificationTask
@@ -215,11 +215,7 @@ def main() -> None:
         datamodule.setup("fit")
         num_train = len(datamodule.datasets["train"])
 
-        print("## Environment\n")
-        for key, value in environment().items():
-            print(f"- {key}: {value}")
-        if warning := busy_warning():
-            print(f"\n{warning}")
+        print(environment_report())
         print(
             f"\n## Setup\n\n- model: {model_name}, "
             f"{sum(p.numel() for p in initial.parameters()):,} parameters, float32, train mode\n"
