@@ -14,6 +14,7 @@ LevelDB's masked CRC-32C. Each reassembled record is a ``wandb_internal_pb2.Reco
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +38,24 @@ _LAYOUT = (
 )
 
 
-def find_offline_runs(root: str | Path) -> list[Path]:
+def find_offline_runs(root: str | Path, finished_within: float | None = None) -> list[Path]:
     """Every ``run-*.wandb`` file under ``root`` (recursively), oldest modification first, so the
-    last entry is the most recently written run."""
+    last entry is the most recently written run.
+
+    With ``finished_within`` (seconds), first wait until every run file holds its exit record,
+    which wandb-core writes last: ``run.finish()`` can return before the service has appended the
+    last rows (seen on a loaded machine). A run still unfinished by then raises `DataFileError`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataFileError(f"W&B run directory {root} is not a directory")
+    if finished_within is not None:
+        deadline = time.monotonic() + finished_within
+        for path in root.rglob("run-*.wandb"):
+            while not any(record.HasField("exit") for record in read_records(path)):
+                if time.monotonic() > deadline:
+                    raise DataFileError(f"{path} has no exit record after {finished_within} s: the run crashed or is still writing")
+                time.sleep(0.2)
     return sorted(root.rglob("run-*.wandb"), key=lambda p: (p.stat().st_mtime_ns, str(p)))
 
 

@@ -140,7 +140,7 @@ def test_bnlstm_experiment_logs_the_recomputed_statistics(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "bnlstm_sequential_digits.yaml"
     small = ["--model.init_args.backbone.init_args.hidden_size", "8", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_test_batches", "1"]
     run_framework(tmp_path, "fit", "--config", str(config), *small)
-    (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
+    (run,) = find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60)
     history = read_history(run)
     (row,) = [row for row in history if "batchnorm/mean_shift" in row]
     assert row["trainer/global_step"] == 3 and row["batchnorm/mean_shift"] > 0

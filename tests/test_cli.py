@@ -16,7 +16,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
 def only_run(cwd: Path) -> Path:
-    runs = find_offline_runs(cwd / "logs" / "wandb")
+    runs = find_offline_runs(cwd / "logs" / "wandb", finished_within=60)
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -66,7 +66,7 @@ def test_resumed_fit_is_bitwise_equal_and_continues_the_wandb_run(tmp_path):
         assert torch.equal(state["momentum_buffer"], reference_state["momentum_buffer"])
 
     # The resumed run wrote to the same W&B run, and kept the first run's config file.
-    runs = find_offline_runs(interrupted / "logs" / "wandb")
+    runs = find_offline_runs(interrupted / "logs" / "wandb", finished_within=60)
     assert len(runs) == 2 and read_run_id(runs[0]) == read_run_id(runs[1])
     steps = [row["trainer/global_step"] for row in read_history(runs[1]) if "train/loss" in row]
     assert min(steps) > 2 * 20 - 1

@@ -283,7 +283,7 @@ def test_callback_logs_the_optimizers_measurements_to_wandb(tmp_path):
     spectra = optimizer.spectra()
     logger.experiment.finish()
     wandb.teardown()  # waits for wandb-core to write the whole run file
-    history = read_history(find_offline_runs(tmp_path)[-1])
+    history = read_history(find_offline_runs(tmp_path, finished_within=60)[-1])
     # A histogram comes back as nested keys <name>/_type, <name>/bins, <name>/values.
     histogram_parts = ("/_type", "/bins", "/values")
     logged = {

@@ -171,7 +171,7 @@ def test_logged_values_are_those_of_the_probe_and_the_wandb_run_holds_plot_table
     assert first["gradient_propagation/recurrent/spectral_radius"] == pytest.approx(1.0, abs=1e-5)  # alpha = 1 at init
     assert logged[4]["gradient_propagation/recurrent/henrici"] > 0  # T learned: W became non-normal
 
-    (run,) = find_offline_runs(tmp_path / "wandb")
+    (run,) = find_offline_runs(tmp_path / "wandb", finished_within=60)
     history = read_history(run)
     assert metric_series(history, "gradient_propagation/grad_norm_first") == [(s, logged[s]["gradient_propagation/grad_norm_first"]) for s in (0, 2, 4)]
     plots = [row for row in history if "gradient_propagation/hidden_grad_norm_table/path" in row]
@@ -266,7 +266,7 @@ def test_the_copy_experiment_logs_gradient_propagation_from_the_command_line(tmp
     # 768 sequences = 6 steps of 128: the log-spaced schedule evaluates at steps 0 and 5.
     sizes = ["--data.init_args.train_size", "768", "--data.init_args.val_size", "64", "--data.init_args.test_size", "64"]
     run_framework(tmp_path, "fit", "--config", str(EXPERIMENT), "--trainer.max_epochs", "1", *sizes)
-    (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
+    (run,) = find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60)
     history = read_history(run)
     steps = [step for step, _ in metric_series(history, "gradient_propagation/grad_norm_first")]
     assert steps[:2] == [0, 5]

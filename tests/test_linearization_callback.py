@@ -93,7 +93,7 @@ def test_logged_values_equal_those_of_a_directly_computed_kernel_on_the_probe(tm
     assert logged[8]["ntk/kernel_alignment_to_init"] < 1.0, "the kernel moves during training"
     assert torch.equal(callback.initial_kernel, callback.state_dict()["initial_kernel"])
 
-    (run,) = find_offline_runs(tmp_path)
+    (run,) = find_offline_runs(tmp_path, finished_within=60)
     images = [row for row in read_history(run) if row.get("ntk/kernel/_type") == "image-file"]
     assert [row["trainer/global_step"] for row in images] == [0, 4, 8]
     assert (images[0]["ntk/kernel/width"], images[0]["ntk/kernel/height"]) == (256, 256), "8 pixels per entry of the 32 x 32 kernel"
@@ -233,7 +233,7 @@ def test_ntk_alignment_passes_the_callback_contract(check, tmp_path):
 def test_the_digits_experiment_runs_from_the_command_line_and_logs_the_alignment(tmp_path):
     shortened = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "1"]
     run_framework(tmp_path, "fit", "--config", str(EXPERIMENT), *shortened)
-    (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
+    (run,) = find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60)
     rows = [row for row in read_history(run) if "ntk/alignment" in row]
     assert [row["trainer/global_step"] for row in rows] == [0, 5]
     for layer in ("backbone.features.0", "backbone.features.3", "backbone.classifier"):

@@ -4,7 +4,6 @@ rates, accumulation), its logging (memory and W&B read back), bad options, the c
 and the digits experiment from the command line."""
 
 import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from framework.models import MLP
 from framework.tasks import ClassificationTask
 from framework.testing import CHECKS, CallbackContract
 from framework.testing.contract import tiny_digits
-from framework.wandb_offline import find_offline_runs, read_history, read_records
+from framework.wandb_offline import find_offline_runs, read_history
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "lazy_vs_real_digits.yaml"
 SMALL = partial(LazyVsReal, alphas=(10.0,), linearized=True, every_k=7, num_examples=96, num_groups=4)
@@ -193,16 +192,6 @@ def fit(callback: LazyVsReal, tmp_path, task: L.LightningModule | None = None, w
     return memory, trainer
 
 
-def finished_history(directory: Path, timeout: float = 60.0) -> list[dict]:
-    """The history of the one W&B offline run under ``directory``, once wandb-core has written
-    the run's exit record (``finish`` can return before the file is complete)."""
-    deadline = time.monotonic() + timeout
-    (run,) = find_offline_runs(directory)
-    while not any(record.HasField("exit") for record in read_records(run)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return read_history(run)
-
-
 def zero_head_mlp() -> nn.Module:
     """An MLP whose output layer starts at zero, so f(x; w0) = 0 and the alpha = 1 twin
     alpha (f(w) - f(w0)) is the model itself."""
@@ -311,7 +300,8 @@ def test_logged_groups_match_the_history_and_wandb_holds_the_keys_table_and_plot
     clean = noisy.dataset.tensors[1][callback.indices]
     assert torch.equal(callback.tracked[1] != clean, flipped)
 
-    rows = finished_history(tmp_path)
+    (run,) = find_offline_runs(tmp_path, finished_within=60)
+    rows = read_history(run)
     scalars = [row for row in rows if "lazy/alpha_10/acc/group_1" in row]
     assert [row["trainer/global_step"] for row in scalars] == [0, 7, 8]
     assert scalars[-1]["lazy/linearized/loss/group_0"] == pytest.approx(logged[8]["lazy/linearized/loss/group_0"])
@@ -375,7 +365,7 @@ def test_lazy_vs_real_passes_the_callback_contract(check, tmp_path):
 def test_the_digits_experiment_runs_from_the_command_line(tmp_path):
     shortened = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "1"]
     run_framework(tmp_path, "fit", "--config", str(EXPERIMENT), *shortened)
-    (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
+    (run,) = find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60)
     rows = [row for row in read_history(run) if "lazy/real/acc" in row]
     assert [row["trainer/global_step"] for row in rows] == [0, 5, 6]
     for name in ("real", "alpha_1", "alpha_10", "alpha_100", "linearized"):

@@ -126,7 +126,7 @@ def test_an_iterative_run_logs_each_step_and_its_checkpoints_load_for_testing(tm
     assert results[0]["test/acc"] > 0.5
 
     trainer.loggers[1].experiment.finish()
-    (run,) = find_offline_runs(tmp_path)
+    (run,) = find_offline_runs(tmp_path, finished_within=60)
     tables = [row for row in read_history(run) if row.get("pruning/layers/_type") == "table-file"]
     assert [row["trainer/global_step"] for row in tables] == [step for step, _ in steps]
     assert tables[0]["pruning/layers/nrows"] == 2

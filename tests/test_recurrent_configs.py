@@ -55,7 +55,7 @@ def test_model_config_fits_its_data(path):
 def test_copy_experiment_trains_from_the_command_line(tmp_path):
     sizes = ["--data.init_args.train_size", "128", "--data.init_args.val_size", "64", "--data.init_args.test_size", "64"]
     run_framework(tmp_path, "fit", "--config", str(CONFIGS / "experiment" / "copy_nnrnn.yaml"), "--trainer.max_epochs", "1", *sizes)
-    (run,) = find_offline_runs(tmp_path / "logs" / "wandb")
+    (run,) = find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60)
     history = read_history(run)
     assert any("val/loss" in row for row in history)
     assert any("test/acc" in row for row in history)

@@ -14,7 +14,6 @@ from helpers import run_framework
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from test_vision_dirac import parse_config
-from test_wandb_offline import _only_run
 
 from callbacks.distillation import Distillation, at_loss, attention_map, kd_loss
 from callbacks.distillation.images import attention_grid, spatial_attention
@@ -188,7 +187,7 @@ def test_attention_images_are_logged_to_wandb_on_schedule_from_fixed_probe_examp
     assert callback.state_dict() == {"next_image_step": 4}
     assert callback.probe.shape == (3, 1, 8, 8) and task.training and not teacher.training
 
-    run = _only_run(tmp_path)  # once wandb-core has finished writing it
+    (run,) = find_offline_runs(tmp_path, finished_within=60)
     rows = read_history(run)
     for layer in LAYERS:
         logged = [row for row in rows if f"distill/attention/{layer}/filenames" in row]
@@ -252,7 +251,7 @@ def test_teacher_then_student_from_the_cli(tmp_path):
     run_framework(tmp_path, "fit", "--config", str(REPO / "configs" / "experiment" / "distill_teacher_digits.yaml"), *short)
     assert (tmp_path / "logs" / "teachers" / "wrn16_2_digits.ckpt").is_file()
     run_framework(tmp_path, "fit", "--config", str(REPO / "configs" / "experiment" / "distill_kd_at_digits.yaml"), *short, "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.id", "student")
-    (run,) = [path for path in find_offline_runs(tmp_path / "logs" / "wandb") if path.name == "run-student.wandb"]
+    (run,) = [path for path in find_offline_runs(tmp_path / "logs" / "wandb", finished_within=60) if path.name == "run-student.wandb"]
     rows = read_history(run)
     logged = {key for row in rows for key in row}
     assert {"distill/kd_loss", "distill/at_loss/groups.0", "distill/at_loss/groups.1", "distill/at_loss/groups.2", "test/acc"} <= logged

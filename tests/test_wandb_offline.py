@@ -4,6 +4,7 @@ WandbLogger), so a change in wandb's file format fails here rather than in an an
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -30,18 +31,6 @@ def _offline(mp: pytest.MonkeyPatch) -> None:
     mp.setenv("WANDB_SILENT", "true")
 
 
-def _only_run(root: Path) -> Path:
-    """The one run file under ``root``, once wandb-core has stopped writing it: ``finish()`` can
-    return while the service still appends the last records (seen on a loaded machine)."""
-    runs = find_offline_runs(root)
-    assert len(runs) == 1, runs
-    size, deadline = -1, time.monotonic() + 30
-    while runs[0].stat().st_size != size and time.monotonic() < deadline:
-        size = runs[0].stat().st_size
-        time.sleep(0.5)
-    return runs[0]
-
-
 @pytest.fixture(scope="module")
 def basic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One small offline run shared by the read-only tests (each wandb.init costs ~0.5 s)."""
@@ -66,7 +55,8 @@ def basic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         run_id = run.id
         run.finish()
         end = time.time()
-    return {"path": _only_run(root), "id": run_id, "start": start, "end": end}
+    (path,) = find_offline_runs(root, finished_within=60)
+    return {"path": path, "id": run_id, "start": start, "end": end}
 
 
 def test_reads_history_config_and_id_of_an_offline_run(basic_run: dict) -> None:
@@ -110,7 +100,7 @@ def test_lightning_wandb_logger_rows_carry_global_step(tmp_path: Path, monkeypat
     run_id = logger.version
     logger.experiment.finish()
 
-    path = _only_run(tmp_path)
+    (path,) = find_offline_runs(tmp_path, finished_within=60)
     assert read_run_id(path) == run_id
     history = read_history(path)
     assert [{k: v for k, v in row.items() if k not in _VARYING} for row in history] == [
@@ -131,7 +121,7 @@ def test_records_spanning_blocks_all_come_back(tmp_path: Path, monkeypatch: pyte
         run.log({"train/loss": i / 7, "trainer/global_step": i})
     run.finish()
 
-    path = _only_run(tmp_path)
+    (path,) = find_offline_runs(tmp_path, finished_within=60)
     assert path.stat().st_size > 64 * 1024
     history = read_history(path)
     assert history[0]["blob"] == blob
@@ -175,3 +165,16 @@ def test_a_record_cut_off_by_the_end_of_the_file_is_left_out(basic_run: dict, tm
     whole = list(read_records(basic_run["path"]))
     assert list(read_records(path)) == whole[:-1]
     assert read_history(path) == read_history(basic_run["path"])  # the last record is not history
+
+
+def test_finished_within_waits_for_the_exit_record_and_refuses_an_unfinished_run(basic_run: dict, tmp_path: Path) -> None:
+    data = basic_run["path"].read_bytes()
+    path = tmp_path / "run-writing.wandb"
+    path.write_bytes(data[:-1])  # the exit record, written last, is cut off
+    with pytest.raises(DataFileError, match="run-writing.wandb has no exit record after 0.5 s"):
+        find_offline_runs(tmp_path, finished_within=0.5)
+    finisher = threading.Timer(0.5, path.write_bytes, args=(data,))
+    finisher.start()
+    assert find_offline_runs(tmp_path, finished_within=30) == [path]
+    finisher.join()
+    assert path.read_bytes() == data
