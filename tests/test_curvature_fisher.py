@@ -263,6 +263,8 @@ def test_unsupported_or_unusable_layers_are_refused_by_name():
         fisher(model, [inputs], fisher_type="empirical")
     with pytest.raises(UserInputError, match="re-iterable"):
         fisher(model, iter([inputs]))
+    with pytest.raises(UserInputError, match="re-iterable"):
+        fisher(model, (batch for batch in [inputs]))
     with pytest.raises(UserInputError, match="got dict"):
         fisher(model, [{"inputs": inputs}])
     for representation in ("kfac", "implicit"):

@@ -256,7 +256,7 @@ def fisher(
     check_positive("samples", samples)
     if representation == "lowrank" and rank is None:
         raise UserInputError("representation='lowrank' needs rank=<number of eigenpairs>")
-    if iter(data) is data:
+    if isinstance(data, Iterator):
         raise UserInputError("data must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     layout = ParameterLayout(model, layers)
     layout.check_examples_independent()

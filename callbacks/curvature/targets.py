@@ -31,19 +31,24 @@ def _softmax_covariance_factor(p: torch.Tensor) -> torch.Tensor:
     The C vectors u_c = sqrt(p_c) (p - e_c) (class c weighted by its probability) satisfy
     sum_c sqrt(p_c) u_c = 0, so they span C - 1 dimensions. With s = sqrt(p), a unit vector, and the
     Householder reflection H mapping s to e_k, U U^T = (U H)(I - e_k e_k^T)(U H)^T, so the columns
-    c != k of U H, u_c + u_k s_c / (1 - s_k), are C - 1 draws giving the same sum: one backward
-    draw fewer than the classes. k is each example's least likely class (s_k <= 1/sqrt(C), so the
-    division is well conditioned)."""
+    c != k of U H, u_c + u_k s_c / (1 - s_k) = s_c (w - e_c) with w = (1 + b) p - b e_k and
+    b = s_k / (1 - s_k), are C - 1 draws giving the same sum: one backward draw fewer than the
+    classes. k is each example's least likely class (s_k <= 1/sqrt(C), so b <= 1/(sqrt(C) - 1)).
+    Built in the output layout directly, in a dozen small ops (the draws of a batch cost about as
+    much as one layer's backward)."""
     n, classes = p.shape
     if classes == 1:  # one class: the Fisher is zero
         return p.new_zeros(1, *p.shape)
     s = p.sqrt()
     k = p.argmin(dim=1, keepdim=True)  # (N, 1)
-    u = s[:, :, None] * (p[:, None, :] - torch.eye(classes, dtype=p.dtype, device=p.device))  # (N, C, C), row c: u_c
-    u_k = u.gather(1, k[:, :, None].expand(-1, 1, classes))  # (N, 1, C)
-    reflected = u + (s / (1 - s.gather(1, k)))[:, :, None] * u_k
-    others = torch.ones_like(p, dtype=torch.bool).scatter_(1, k, False)  # rows c != k, in order
-    return reflected[others].view(n, classes - 1, classes).transpose(0, 1)
+    s_k = s.gather(1, k)
+    b = s_k / (1 - s_k)
+    w = ((1 + b) * p).scatter_add_(1, k, -b)  # (N, C)
+    kept = torch.arange(classes - 1, device=p.device)
+    kept = (kept + (kept >= k)).T  # (C - 1, N): the classes c != k, in order
+    s_kept = s.T.gather(0, kept)  # (C - 1, N)
+    draws = s_kept[:, :, None] * w  # (C - 1, N, C): s_c w
+    return draws.scatter_add_(2, kept[:, :, None], -s_kept[:, :, None])  # minus s_c e_c
 
 
 def output_gradient_draws(
