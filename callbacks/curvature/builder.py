@@ -19,7 +19,7 @@ from torch import nn
 
 from callbacks.curvature.blocks import Block, DenseBlock, DiagonalBlock, EigenBlock, KroneckerBlock
 from callbacks.curvature.capture import LayerCapture
-from callbacks.curvature.layers import KroneckerLayer, Layer, ParameterLayout, input_factor, output_factor, second_moment
+from callbacks.curvature.layers import KroneckerLayer, Layer, ParameterLayout, gram, input_factor, output_factor, second_moment
 from callbacks.curvature.representations import (
     EKFAC,
     KFAC,
@@ -112,8 +112,7 @@ def _diagonal(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Te
 
 
 def _block(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
-    per_example = _per_example(layer, inputs, gradients).flatten(0, 1)
-    return per_example.T @ per_example
+    return gram(_per_example(layer, inputs, gradients).flatten(0, 1))
 
 
 def _is_outer_product(layer: Layer, inputs: object) -> bool:
@@ -167,6 +166,8 @@ def _dense_statistics(layout: ParameterLayout, batch: CapturedBatch) -> dict:
                 k, other = (i, j) if outer[i] else (j, i)
                 block = _mixed_block(captured[k], per_example[other])
                 rows[i][j] = block if outer[i] else block.T
+            elif i == j:
+                rows[i][j] = gram(per_example[i].flatten(0, 1))
             else:
                 rows[i][j] = per_example[i].flatten(0, 1).T @ per_example[j].flatten(0, 1)
             rows[j][i] = rows[i][j].T
