@@ -108,7 +108,7 @@ def _per_example(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch
 def _diagonal(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, KroneckerLayer):
         return layer.from_matrix(second_moment(inputs, gradients))
-    return _per_example(layer, inputs, gradients).square().sum((0, 1))
+    return _per_example(layer, inputs, gradients).square_().sum((0, 1))
 
 
 def _block(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tensor:

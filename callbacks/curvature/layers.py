@@ -244,7 +244,7 @@ def second_moment(inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch
     draws = output_gradients if output_gradients.dim() == 4 else output_gradients[None]
     if inputs.shape[1] == 1:
         return draws[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
-    return torch.einsum("dnto,nti->dnoi", draws, inputs).square().sum((0, 1))
+    return torch.einsum("dnto,nti->dnoi", draws, inputs).square_().sum((0, 1))  # squared in place: no second buffer
 
 
 class LinearLayer(KroneckerLayer):

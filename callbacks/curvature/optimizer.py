@@ -105,7 +105,7 @@ def _projected_second_moment(inputs: torch.Tensor, gradients: torch.Tensor, q_a:
     if inputs.shape[1] <= gradients.shape[-1]:
         return second_moment(inputs @ q_a, gradients @ q_g)
     per_example = torch.einsum("dnto,nti->dnoi", gradients, inputs)
-    return (q_g.T @ per_example @ q_a).square().sum((0, 1))
+    return (q_g.T @ per_example @ q_a).square_().sum((0, 1))
 
 
 class EKFAC(Optimizer):
