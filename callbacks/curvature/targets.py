@@ -34,8 +34,7 @@ def _softmax_covariance_factor(p: torch.Tensor) -> torch.Tensor:
     c != k of U H, u_c + u_k s_c / (1 - s_k) = s_c (w - e_c) with w = (1 + b) p - b e_k and
     b = s_k / (1 - s_k), are C - 1 draws giving the same sum: one backward draw fewer than the
     classes. k is each example's least likely class (s_k <= 1/sqrt(C), so b <= 1/(sqrt(C) - 1)).
-    Built in the output layout directly, in a dozen small ops (the draws of a batch cost about as
-    much as one layer's backward)."""
+    Built in the (C - 1, N, C) output layout directly: no (N, C, C) tensor, no boolean indexing."""
     n, classes = p.shape
     if classes == 1:  # one class: the Fisher is zero
         return p.new_zeros(1, *p.shape)
@@ -44,8 +43,8 @@ def _softmax_covariance_factor(p: torch.Tensor) -> torch.Tensor:
     s_k = s.gather(1, k)
     b = s_k / (1 - s_k)
     w = ((1 + b) * p).scatter_add_(1, k, -b)  # (N, C)
-    kept = torch.arange(classes - 1, device=p.device)
-    kept = (kept + (kept >= k)).T  # (C - 1, N): the classes c != k, in order
+    rows = torch.arange(classes - 1, device=p.device)
+    kept = (rows + (rows >= k)).T  # (C - 1, N): the classes c != k, in order
     s_kept = s.T.gather(0, kept)  # (C - 1, N)
     draws = s_kept[:, :, None] * w  # (C - 1, N, C): s_c w
     return draws.scatter_add_(2, kept[:, :, None], -s_kept[:, :, None])  # minus s_c e_c
