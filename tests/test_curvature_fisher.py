@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.curvature import LayerCapture, ParameterLayout, fisher, output_gradient_draws
+from callbacks.curvature.layers import channel_major_index
 from framework.errors import UserInputError
 from framework.models import MLP, SmallCNN
 from framework.testing.reference import per_example_gradients, per_example_jacobians
@@ -119,14 +120,16 @@ def test_diagonal_and_block_diagonal_are_parts_of_the_dense_fisher(make_task):
 
 
 def test_conv2d_kfac_factors_follow_the_documented_convention():
-    """A = (1/N) sum_n sum_t a a^T over unfolded padded patches with a 1 appended, and
-    G = (1/(N T)) sum_n sum_t g g^T over output pixels, for an empirical Fisher."""
+    """A = (1/N) sum_n sum_t a a^T over unfolded padded patches (entries by kernel row, kernel
+    column, channel) with a 1 appended, and G = (1/(N T)) sum_n sum_t g g^T over output pixels,
+    for an empirical Fisher."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
     inputs, targets = torch.randn(4, 2, 4, 4, dtype=DOUBLE), torch.randint(0, 2, (4,))
     kfac = fisher(model, [(inputs, targets)], "kfac", "empirical", layers=["0"])
     patches = F.unfold(inputs, 3, padding=1).transpose(1, 2)
     patches = torch.cat([patches, torch.ones(4, 16, 1, dtype=DOUBLE)], dim=2).flatten(0, 1)
+    patches = patches[:, channel_major_index(2, (3, 3), has_bias=True)]
     logit_gradients = model(inputs).softmax(1).detach() - F.one_hot(targets, 2)
     output_gradients = (logit_gradients @ model[2].weight.detach()).reshape(4, 3, 16).transpose(1, 2).flatten(0, 1)
     block = kfac.blocks["0"]

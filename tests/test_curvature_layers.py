@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.curvature.layers import conv_patches, gram, input_factor, output_factor
+from callbacks.curvature.layers import channel_major_index, conv_patches, gram, input_factor, output_factor
 
 DOUBLE = torch.float64
 
@@ -25,18 +25,20 @@ DOUBLE = torch.float64
     ],
     ids=["3x3-same", "no-bias", "rect-stride", "dilated-same", "strided-dilated", "1x1-strided", "covering"],
 )
-def test_conv_patches_equal_unfold_with_a_one_appended(conv):
+def test_conv_patches_equal_unfold_kernel_major_with_a_one_appended(conv):
     torch.manual_seed(0)
     inputs = torch.randn(3, conv.in_channels, 4, 4 if conv.kernel_size == (4, 4) else 7, dtype=DOUBLE)
     padded = F.pad(inputs, conv._reversed_padding_repeated_twice)
-    expected = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride).transpose(1, 2)
+    unfolded = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride).transpose(1, 2)
+    # F.unfold's entries are channel-major; ours by kernel row, kernel column, then channel
+    expected = unfolded[..., channel_major_index(conv.in_channels, conv.kernel_size, has_bias=False)]
     torch.testing.assert_close(conv_patches(inputs, conv), expected, rtol=0, atol=0)
     with_one = conv_patches(inputs, conv, append_one=True)
     ones = torch.ones(*expected.shape[:2], 1, dtype=DOUBLE)
     torch.testing.assert_close(with_one, torch.cat([expected, ones], 2), rtol=0, atol=0)
     # the patches are what the convolution multiplies by its weight
     output = conv.double()(inputs).flatten(2).transpose(1, 2)
-    weight = conv.weight.reshape(conv.out_channels, -1)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
     linear = with_one @ torch.cat([weight, conv.bias[:, None]], 1).T if conv.bias is not None else expected @ weight.T
     torch.testing.assert_close(linear, output)
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.curvature import EKFAC, KFAC, fisher
+from callbacks.curvature.layers import channel_major_index
 from framework.models import MLP, SmallCNN
 
 pytest.importorskip("nngeometry")
@@ -60,6 +61,10 @@ def test_kfac_equals_nngeometry_up_to_the_factor_scaling(model_name):
     torch.testing.assert_close(ours.to_dense(), theirs.to_torch())
     outputs = CLASSES - 1  # NNGeometry's exact classification Fisher has C - 1 outputs
     for name, (a, g) in theirs.data.items():
+        module = model.get_submodule(name)
+        if isinstance(module, torch.nn.Conv2d):  # NNGeometry's patches are channel-major (F.unfold), ours kernel-major
+            index = channel_major_index(module.in_channels, module.kernel_size, module.bias is not None)
+            a = a[index][:, index]
         torch.testing.assert_close(ours.blocks[name].a * outputs**0.5, a)
         torch.testing.assert_close(ours.blocks[name].g / outputs**0.5, g)
 

@@ -3,6 +3,7 @@ refusals, eigendecomposition failures, a plain training loop, adaptive (Levenber
 damping, bf16 statistics, eigendecompositions spread over DDP ranks, the callback's W&B logs read
 back, and the callback contract (with adaptive damping and spread eigendecompositions on)."""
 
+import copy
 from collections import OrderedDict
 from functools import partial
 
@@ -18,6 +19,7 @@ from torch import nn
 from callbacks.curvature import CurvatureError, EKFACStatistics, FisherStatistics, PVector, fisher
 from callbacks.curvature.blocks import EigenBlock
 from callbacks.curvature.builder import CapturedBatch
+from callbacks.curvature.layers import PATCH_ORDER, channel_major_index
 from callbacks.curvature.optimizer import EKFAC
 from framework.data import DigitsDataModule
 from framework.errors import UserInputError
@@ -97,6 +99,39 @@ def test_accumulated_step_uses_the_statistics_of_every_micro_batch():
     expected = PVector.from_model(curvature.layout) - 0.5 * curvature.solve(PVector.from_model_grads(curvature.layout), 0.1)
     optimizer.step()
     torch.testing.assert_close(PVector.from_model(curvature.layout).flatten(), expected.flatten(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_checkpoint_with_channel_major_conv_statistics_is_reindexed_on_loading():
+    """A state saved before Conv2d patches were ordered kernel-major (no ``patch_order``, the
+    conv layer's input factor and basis in F.unfold's channel-major order) loads as the state the
+    current order gives, so a resumed run preconditions as the saved one did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).double()
+    optimizer = EKFAC(model.parameters(), lr=0.1, damping=0.1, eigen_every=1, scale_every=1)
+    statistics = FisherStatistics(model, optimizer)
+    inputs, targets = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    with statistics.record(targets):
+        loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    current = optimizer.state_dict()
+    assert current["counters"]["patch_order"] == PATCH_ORDER
+
+    old = copy.deepcopy(current)
+    del old["counters"]["patch_order"]
+    conv_state = old["state"][0]  # the conv layer's statistics live on its weight, parameter 0
+    to_channel_major = torch.argsort(channel_major_index(2, (3, 3), has_bias=True))
+    conv_state["input_factor"] = conv_state["input_factor"][to_channel_major][:, to_channel_major]
+    conv_state["input_basis"] = conv_state["input_basis"][to_channel_major]
+    assert not torch.equal(conv_state["input_factor"], current["state"][0]["input_factor"])
+
+    resumed = EKFAC(model.parameters(), lr=0.1, damping=0.1, eigen_every=1, scale_every=1)
+    resumed.load_state_dict(old)
+    reloaded = resumed.state_dict()
+    for index, state in current["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                assert torch.equal(reloaded["state"][index][key], value), (index, key)
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,10 @@ from callbacks.curvature.blocks import EigenBlock
 from callbacks.curvature.builder import CapturedBatch
 from callbacks.curvature.capture import LayerCapture
 from callbacks.curvature.layers import (
+    PATCH_ORDER,
     KroneckerLayer,
     ParameterLayout,
+    channel_major_index,
     has_kronecker_form,
     input_factor,
     output_factor,
@@ -235,7 +237,7 @@ class EKFAC(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["counters"] = {"steps": self.steps, "damping": self.damping}
+        state["counters"] = {"steps": self.steps, "damping": self.damping, "patch_order": PATCH_ORDER}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -243,6 +245,25 @@ class EKFAC(Optimizer):
         counters = state_dict.pop("counters")
         self.steps, self.damping = counters["steps"], counters["damping"]
         super().load_state_dict(state_dict)
+        if counters.get("patch_order") != PATCH_ORDER:
+            self._reorder_conv_input_statistics()
+
+    def _reorder_conv_input_statistics(self) -> None:
+        """A checkpoint written before Conv2d patches were ordered kernel row, kernel column,
+        channel holds each Conv2d layer's input factor and basis in F.unfold's channel-major
+        order: re-index them, so that the resumed run preconditions as the saved one did. A
+        layer's state lives on its weight, the only 4-d tensor a Kronecker layer has."""
+        for group in self.param_groups:
+            for weight in group["params"]:
+                state = self.state.get(weight, {})
+                if weight.dim() != 4 or "input_factor" not in state:
+                    continue
+                channels, kh, kw = weight.shape[1:]
+                has_bias = len(state["input_factor"]) > channels * kh * kw
+                index = channel_major_index(channels, (kh, kw), has_bias).to(state["input_factor"].device)
+                state["input_factor"] = state["input_factor"][index][:, index]
+                if "input_basis" in state:
+                    state["input_basis"] = state["input_basis"][index]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
