@@ -36,7 +36,7 @@ def identity_curvature_batch(size: int = 4) -> CapturedBatch:
     eye = torch.eye(size)
     inputs = 2 * eye.repeat(size, 1)[:, None, :]
     gradients = 2 * eye.repeat_interleave(size, dim=0)[:, None, :]
-    return CapturedBatch(size * size, {"": inputs}, [{"": gradients}])
+    return CapturedBatch(size * size, {"": inputs}, {"": gradients[None]})
 
 
 @pytest.mark.parametrize("scale_every", [1, None], ids=["ekfac", "kfac"])
@@ -175,7 +175,7 @@ def test_non_finite_factors_are_refused_naming_layer_and_step():
         if step == 0:
             optimizer.step()
     overflowed = torch.full((1, 1, 4), float("inf"))  # an input of 'fc' (bias 1 appended) that overflowed
-    optimizer.add_statistics(CapturedBatch(1, {"fc": overflowed}, [{"fc": torch.ones(1, 1, 2)}]))
+    optimizer.add_statistics(CapturedBatch(1, {"fc": overflowed}, {"fc": torch.ones(1, 1, 1, 2)}))
     with pytest.raises(CurvatureError, match=r"the input factor of layer 'fc' became non-finite at step 1"):
         optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())

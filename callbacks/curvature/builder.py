@@ -9,7 +9,7 @@ positions t = 1..T of a layer (T = 1 for a plain Linear layer):
 so the block is G (x) A. EKFAC keeps the eigenbases Q_G, Q_A of these factors and replaces the
 scaling l_G l_A^T by the second moment of projected per-example gradients (a second pass over
 the data; for ``mc`` with fresh samples), s = (1/N) sum_n sum_d (Q_G^T DW_nd Q_A)^2, computed
-by :func:`callbacks.curvature.layers.second_moment`.
+by :func:`callbacks.curvature.layers.projected_second_moment` (shared with the optimiser).
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +19,16 @@ from torch import nn
 
 from callbacks.curvature.blocks import Block, DenseBlock, DiagonalBlock, EigenBlock, KroneckerBlock
 from callbacks.curvature.capture import LayerCapture
-from callbacks.curvature.layers import KroneckerLayer, Layer, ParameterLayout, gram, input_factor, output_factor, second_moment
+from callbacks.curvature.layers import (
+    KroneckerLayer,
+    Layer,
+    ParameterLayout,
+    gram,
+    input_factor,
+    output_factor,
+    projected_second_moment,
+    second_moment,
+)
 from callbacks.curvature.representations import (
     EKFAC,
     KFAC,
@@ -37,20 +46,14 @@ REPRESENTATIONS = ("dense", "diagonal", "block_diagonal", "kfac", "ekfac", "lowr
 
 
 class CapturedBatch:
-    """One batch: each layer's captured inputs, and its output gradients for each of D draws,
-    stacked per layer as ``gradients[name]`` (D, N, ...)."""
+    """One batch of ``size`` examples: each layer's captured inputs, and its output gradients for
+    each of D draws stacked per layer as ``gradients[name]`` (D, N, ...), as
+    :meth:`LayerCapture.draw_gradients` gives them."""
 
-    def __init__(self, size: int, inputs: dict[str, object], draws: Sequence[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, size: int, inputs: dict[str, object], gradients: dict[str, torch.Tensor]) -> None:
         self.size = size
         self.inputs = inputs
-        self.gradients = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]} if draws else {}
-
-    @classmethod
-    def stacked(cls, size: int, inputs: dict[str, object], gradients: dict[str, torch.Tensor]) -> "CapturedBatch":
-        """From gradients already stacked over draws, as :meth:`LayerCapture.draw_gradients` gives them."""
-        batch = cls(size, inputs, [])
-        batch.gradients = gradients
-        return batch
+        self.gradients = gradients
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,7 +74,7 @@ def _captured_batches(
                 outputs = layout.model(inputs)
             draws = output_gradient_draws(outputs, targets, fisher_type, task, samples, generator)
             gradients = capture.draw_gradients(outputs, draws)
-        yield CapturedBatch.stacked(inputs.shape[0], capture.inputs, gradients)
+        yield CapturedBatch(inputs.shape[0], capture.inputs, gradients)
 
 
 def _check_not_empty(count: int) -> None:
@@ -201,11 +204,11 @@ def _kfac_blocks(layout: ParameterLayout, batches: Iterable[CapturedBatch]) -> d
 def _ekfac_blocks(kfac_blocks: dict[str, Block], batches: Iterable[CapturedBatch]) -> dict[str, Block]:
     eigen = {name: block.eigen for name, block in kfac_blocks.items() if isinstance(block, KroneckerBlock)}
 
-    def projected_second_moment(layer: Layer, inputs: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        return second_moment(inputs @ eigen[layer.name].q_a, gradients @ eigen[layer.name].q_g)
+    def scaling(layer: Layer, inputs: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return projected_second_moment(inputs, gradients, eigen[layer.name].q_a, eigen[layer.name].q_g)
 
     layers = {name: block.layer for name, block in eigen.items()}
-    scalings = _average(batches, lambda batch: _per_layer(batch, layers, projected_second_moment, "scaling"))
+    scalings = _average(batches, lambda batch: _per_layer(batch, layers, scaling, "scaling"))
     rescaled = {name: EigenBlock(basis.layer, basis.q_g, basis.q_a, scalings["scaling", name]) for name, basis in eigen.items()}
     return {name: rescaled.get(name, block) for name, block in kfac_blocks.items()}
 

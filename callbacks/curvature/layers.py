@@ -257,6 +257,17 @@ def second_moment(inputs: torch.Tensor, output_gradients: torch.Tensor) -> torch
     return torch.einsum("dnto,nti->dnoi", draws, inputs).square_().sum((0, 1))  # squared in place: no second buffer
 
 
+def projected_second_moment(inputs: torch.Tensor, gradients: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
+    """sum_n sum_d (Q_G^T dW_nd Q_A)^2 for dW_nd = sum_t g_ndt a_nt^T (inputs (N, T, in [+1]),
+    gradients (D, N, T, out)), in the cheaper order: projecting the T positions (T (in^2 + out^2)
+    per example) for Linear layers, projecting the per-example gradients (out in (in + out) per
+    example) when T exceeds out, as in convolutions."""
+    if inputs.shape[1] <= gradients.shape[-1]:
+        return second_moment(inputs @ q_a, gradients @ q_g)
+    per_example = torch.einsum("dnto,nti->dnoi", gradients, inputs)
+    return (q_g.T @ per_example @ q_a).square_().sum((0, 1))
+
+
 class LinearLayer(KroneckerLayer):
     """``nn.Linear``; extra dimensions between batch and features are weight-shared positions."""
 

@@ -61,7 +61,7 @@ from callbacks.curvature.layers import (
     has_kronecker_form,
     input_factor,
     output_factor,
-    second_moment,
+    projected_second_moment,
 )
 from callbacks.curvature.targets import FISHER_TYPES, TASKS, output_gradient_draws
 from framework.errors import UserInputError, check_choice, check_positive
@@ -97,17 +97,6 @@ def _finite(*tensors: torch.Tensor) -> bool:
 
 
 _Eigen = tuple[torch.Tensor, torch.Tensor]  # eigenvalues, eigenvectors (columns)
-
-
-def _projected_second_moment(inputs: torch.Tensor, gradients: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
-    """sum_n sum_d (Q_G^T dW_nd Q_A)^2 for dW_nd = sum_t g_ndt a_nt^T (inputs (N, T, in [+1]),
-    gradients (D, N, T, out)), in the cheaper order: projecting the T positions (T (in^2 + out^2)
-    per example) for Linear layers, projecting the per-example gradients (out in (in + out) per
-    example) when T exceeds out, as in convolutions."""
-    if inputs.shape[1] <= gradients.shape[-1]:
-        return second_moment(inputs @ q_a, gradients @ q_g)
-    per_example = torch.einsum("dnto,nti->dnoi", gradients, inputs)
-    return (q_g.T @ per_example @ q_a).square_().sum((0, 1))
 
 
 class EKFAC(Optimizer):
@@ -219,7 +208,7 @@ class EKFAC(Optimizer):
         dtypes = {name: layer.module.weight.dtype for name, layer in self.layers.items() if name in batch.inputs}
         inputs = {name: batch.inputs[name].to(dtype) for name, dtype in dtypes.items()}
         gradients = {name: batch.gradients[name].to(dtype) for name, dtype in dtypes.items()}
-        self._pending.append(CapturedBatch.stacked(batch.size, inputs, gradients))
+        self._pending.append(CapturedBatch(batch.size, inputs, gradients))
 
     def pop_metrics(self) -> dict[str, float]:
         """What the last steps measured (``ekfac/...``), cleared on reading."""
@@ -327,7 +316,7 @@ class EKFAC(Optimizer):
         if recorded and self._due(self.scale_every):
             projected = {
                 name: sum(
-                    _projected_second_moment(a, g, self._layer_state(layer)["input_basis"], self._layer_state(layer)["output_basis"])
+                    projected_second_moment(a, g, self._layer_state(layer)["input_basis"], self._layer_state(layer)["output_basis"])
                     for a, g in self._recorded(name)
                 )
                 for name, layer in recorded.items()
@@ -620,7 +609,7 @@ class FisherStatistics:
             self._generator(outputs.device),
         )
         gradients = capture.draw_gradients(outputs, draws.to(outputs.dtype))
-        self.optimizer.add_statistics(CapturedBatch.stacked(outputs.shape[0], capture.inputs, gradients))
+        self.optimizer.add_statistics(CapturedBatch(outputs.shape[0], capture.inputs, gradients))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         step, batch = self._recorded_at
