@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.curvature import LayerCapture, ParameterLayout, fisher, output_gradient_draws
+from callbacks.curvature import LayerCapture, ParameterLayout, builder, fisher, output_gradient_draws
 from callbacks.curvature.layers import channel_major_index
 from framework.errors import UserInputError
 from framework.models import MLP, SmallCNN
@@ -117,6 +117,34 @@ def test_diagonal_and_block_diagonal_are_parts_of_the_dense_fisher(make_task):
     mask = torch.block_diag(*(torch.ones(s.stop - s.start, s.stop - s.start) for s in slices.values())).bool()
     torch.testing.assert_close(blocks.to_dense(), torch.where(mask, expected, 0.0))
     assert blocks.layout.size == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("representation", ["dense", "diagonal", "block_diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("make_task", [classification_task, conv_task, weight_sharing_task], ids=["mlp", "cnn", "shared"])
+def test_draws_differentiated_in_groups_give_the_same_fisher(monkeypatch, make_task, representation):
+    """5 sampled draws per batch in one vmapped backward, in groups of 2, 2 and 1, and one by one
+    (the group size follows GROUP_BYTES over one draw's gradient bytes)."""
+    model, inputs, targets = make_task()
+    data = batched(inputs, targets, [3, len(inputs) - 3])
+
+    def computed(per_group: int) -> torch.Tensor:
+        monkeypatch.setattr(builder, "GROUP_BYTES", per_group)
+        monkeypatch.setattr(LayerCapture, "draw_bytes", lambda self: 1)
+        generator = torch.Generator().manual_seed(0)
+        return fisher(model, data, representation, "mc", samples=5, generator=generator).to_dense()
+
+    together = computed(5)
+    assert together.abs().max() > 0
+    torch.testing.assert_close(computed(2), together)
+    torch.testing.assert_close(computed(1), together)
+
+
+def test_one_draw_bytes_are_the_layer_outputs_of_a_batch():
+    model, inputs, _ = conv_task()
+    with LayerCapture(ParameterLayout(model)) as capture:
+        model(inputs)
+    conv_output, linear_output = 5 * 2 * 4 * 4, 5 * 3
+    assert capture.draw_bytes() == (conv_output + linear_output) * 8
 
 
 def test_conv2d_kfac_factors_follow_the_documented_convention():

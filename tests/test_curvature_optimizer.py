@@ -18,7 +18,7 @@ from torch import nn
 
 from callbacks.curvature import CurvatureError, EKFACStatistics, FisherStatistics, PVector, fisher
 from callbacks.curvature.blocks import EigenBlock
-from callbacks.curvature.builder import CapturedBatch
+from callbacks.curvature.capture import CapturedBatch
 from callbacks.curvature.layers import PATCH_ORDER, channel_major_index
 from callbacks.curvature.optimizer import EKFAC
 from framework.data import DigitsDataModule

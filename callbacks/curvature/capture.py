@@ -10,6 +10,17 @@ from callbacks.curvature.layers import SUPPORTED, ParameterLayout
 from framework.errors import UserInputError, check_choice
 
 
+class CapturedBatch:
+    """One batch of ``size`` examples: each layer's captured inputs, and its output gradients for
+    each of D draws stacked per layer as ``gradients[name]`` (D, N, ...), as
+    :meth:`LayerCapture.draw_gradients` gives them."""
+
+    def __init__(self, size: int, inputs: dict[str, object], gradients: dict[str, torch.Tensor]) -> None:
+        self.size = size
+        self.inputs = inputs
+        self.gradients = gradients
+
+
 class LayerCapture:
     """Context manager: during a forward pass inside it, every layer of ``layout`` records its
     inputs and its output tensor; :meth:`output_gradients` then differentiates any scalar built
@@ -54,6 +65,11 @@ class LayerCapture:
             return output.clone()
 
         return record
+
+    def draw_bytes(self) -> int:
+        """Memory of one draw's output gradients of all layers (what :meth:`draw_gradients`
+        returns per draw)."""
+        return sum(output.numel() * output.element_size() for output in self._outputs.values())
 
     def draw_gradients(self, outputs: torch.Tensor, draws: torch.Tensor) -> dict[str, torch.Tensor]:
         """For each draw u_d of ``draws`` (D, N, O) (see :func:`output_gradient_draws`), each layer's

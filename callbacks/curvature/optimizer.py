@@ -51,8 +51,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from callbacks.curvature.blocks import EigenBlock
-from callbacks.curvature.builder import CapturedBatch
-from callbacks.curvature.capture import LayerCapture
+from callbacks.curvature.capture import CapturedBatch, LayerCapture
 from callbacks.curvature.layers import (
     PATCH_ORDER,
     KroneckerLayer,
