@@ -60,7 +60,7 @@ their output gradients of all layers within this many bytes (at least one draw),
 backward's memory does not grow with the number of draws (C - 1 for ``exact``: 99 on CIFAR-100,
 where a WRN's layer outputs take hundreds of MB per draw at batch 128). Below it, all draws at
 once is the faster choice: one draw at a time took 1.4-1.7x as long for the digits MLP's KFAC,
-and 1.2-2x for the digits CNN's diagonal, EKFAC and Dense Fishers (its KFAC: the same within
+and 1.3-2x for the digits CNN's diagonal, EKFAC and Dense Fishers (its KFAC: the same within
 noise)."""
 
 Statistics = dict[tuple[str, str], torch.Tensor]
