@@ -23,6 +23,7 @@ from callbacks.curvature.capture import LayerCapture
 from callbacks.curvature.layers import (
     KroneckerLayer,
     Layer,
+    LinearLayer,
     ParameterLayout,
     gram,
     input_factor,
@@ -152,8 +153,8 @@ def _block(layer: Layer, inputs: object, gradients: torch.Tensor) -> torch.Tenso
 
 
 def _is_outer_product(layer: Layer, inputs: object) -> bool:
-    """A Kronecker layer with one position: each per-example gradient is one outer product g a^T."""
-    return isinstance(layer, KroneckerLayer) and inputs.shape[1] == 1
+    """A Linear layer with one position: each per-example gradient is one outer product g a^T."""
+    return isinstance(layer, LinearLayer) and inputs.shape[1] == 1
 
 
 Captured = tuple[KroneckerLayer, torch.Tensor, torch.Tensor]
