@@ -114,6 +114,19 @@ def test_second_moments_equal_those_of_the_patches(name, small, weight_gradient_
     torch.testing.assert_close(projected_second_moment(conv_inputs, gradients, q_a, q_g), brute, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["T>out", "T<=out"])
+def test_second_moments_in_chunks_of_one_example_equal_all_at_once(small, weight_gradient_path, monkeypatch):
+    conv, conv_inputs, inputs = captured("3x3-same", (2, 2) if small else (6, 7), examples=5)
+    gradients = output_gradients(conv, inputs)
+    q_a = torch.linalg.qr(torch.randn(conv_inputs.features, conv_inputs.features, dtype=DOUBLE))[0]
+    q_g = torch.linalg.qr(torch.randn(conv.out_channels, conv.out_channels, dtype=DOUBLE))[0]
+    whole = second_moment(conv_inputs, gradients), projected_second_moment(conv_inputs, gradients, q_a, q_g)
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 1)
+    chunked = second_moment(conv_inputs, gradients), projected_second_moment(conv_inputs, gradients, q_a, q_g)
+    for one, other in zip(whole, chunked):
+        torch.testing.assert_close(one, other, rtol=1e-12, atol=1e-12)
+
+
 def test_large_inputs_form_no_patches():
     conv = nn.Conv2d(16, 8, 3, padding=1)
     conv_inputs = ConvInputs(torch.randn(64, 16, 32, 32), conv, append_one=True)
