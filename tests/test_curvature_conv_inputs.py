@@ -55,10 +55,12 @@ def test_factor_by_shifts_on_one_pixel_images(name):
     test_factor_by_shifts_equals_the_product_of_the_patches(name, (1, 1))
 
 
-def test_factor_by_shifts_refuses_strides():
-    _, conv_inputs, _ = captured("strided")
+def test_shifted_paths_refuse_strides():
+    conv, conv_inputs, inputs = captured("strided")
     with pytest.raises(ValueError, match="stride 1"):
         conv_inputs.factor_by_shifts()
+    with pytest.raises(ValueError, match="stride 1"):
+        conv_inputs.weight_gradients_by_shifts(output_gradients(conv, inputs))
 
 
 @pytest.mark.parametrize("size", [(4, 4), (32, 32)], ids=["small: patches", "large: shifts"])
@@ -66,7 +68,7 @@ def test_factor_takes_either_path_and_agrees(size):
     conv = nn.Conv2d(32, 32, 3, padding=1).double()
     torch.manual_seed(0)
     conv_inputs = ConvInputs(torch.randn(8, 32, *size, dtype=DOUBLE), conv, append_one=True)
-    assert conv_inputs._offsets_pay() == (size == (32, 32))
+    assert conv_inputs.shifted_factor_pays() == (size == (32, 32))
     patches = conv_inputs.patches().reshape(-1, conv_inputs.features)
     torch.testing.assert_close(input_factor(conv_inputs), patches.T @ patches, rtol=1e-12, atol=1e-10)
 

@@ -348,8 +348,8 @@ class LinearLayer(KroneckerLayer):
 
 PATCHES_KEPT = 2**22
 """Above this many entries (16 MB in float32) a Conv2d's per-example weight gradients are computed
-without forming its patches: measured on CPU, 1.1-3.5x faster from there (the patches' memory is
-new for every batch), up to 1.3x slower below."""
+without forming its patches (:meth:`ConvInputs.weight_gradients`): measured on CPU 1.1-2.7x
+faster from there for 3x3 kernels on 16x16 images and larger, up to 2.5x slower below."""
 
 
 def _conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -405,7 +405,7 @@ class ConvInputs:
         images[:, top : top + height, left : left + width].copy_(inputs.permute(0, 2, 3, 1))
         self.flat = flat
         self._patches: torch.Tensor | None = None
-        self._large = n * self.positions * self.features > PATCHES_KEPT  # of the whole batch, kept by examples()
+        self.patches_large = n * self.positions * self.features > PATCHES_KEPT  # the whole batch's, kept by examples()
 
     def _tail(self) -> int:
         """Zero pixels after the last image, so that every shifted slice stays inside the buffer."""
@@ -480,7 +480,7 @@ class ConvInputs:
         first, last = (self.data_rows, self.data_columns)[axis]
         return [line for line in range(first, last) if not start <= line < start + self.out_size[axis]]
 
-    def _offsets_pay(self) -> bool:
+    def shifted_factor_pays(self) -> bool:
         """Whether the shifted-product input factor (stride 1) costs fewer flops than the product
         of the patches (blocked, see :func:`gram`), which also has to form them, on a layer large
         enough for that to matter: measured on CPU, 2-4x faster from 8x8 images with 64-128
@@ -496,7 +496,7 @@ class ConvInputs:
     def factor(self) -> torch.Tensor:
         """KFAC's sum_n sum_t a_nt a_nt^T (F, F): by shifted products where they pay (see
         :meth:`factor_by_shifts`), otherwise as the product of the patches."""
-        if self._offsets_pay():
+        if self.shifted_factor_pays():
             return self.factor_by_shifts()
         return gram(self.patches().reshape(-1, self.features))
 
@@ -553,12 +553,26 @@ class ConvInputs:
 
     def weight_gradients(self, gradients: torch.Tensor) -> torch.Tensor:
         """Per-example sum_t g_t a_t^T, (..., N, out, F), for output gradients (..., N, T, out)
-        (leading dimensions: draws). From the patches if they exist or the batch's would be small
-        (at most ``PATCHES_KEPT`` entries), or the stride is not 1; otherwise, without forming them, for
-        each kernel offset one batched product of the gradients, spread to the buffer's row
-        width with zeros, and a shifted slice of the buffer (see the class docstring)."""
-        if self.stride != (1, 1) or self._patches is not None or not self._large:
+        (leading dimensions: draws). Without forming the patches, for each kernel offset one
+        batched product of the gradients, spread to the buffer's row width with zeros, and a
+        shifted slice of the buffer (:meth:`weight_gradients_by_shifts`), when the batch's patches
+        would be large (more than ``PATCHES_KEPT`` entries) and the spread adds at most 20% to the
+        products (images of 16 pixels or more across, for a 3x3 kernel); otherwise, and for other
+        strides, from the patches (``scripts/bench/conv_statistics.py`` measures both)."""
+        if self._patches is not None or not self.shifted_weight_gradients_pay():
             return torch.einsum("...nto,nti->...noi", gradients, self.patches())
+        return self.weight_gradients_by_shifts(gradients)
+
+    def shifted_weight_gradients_pay(self) -> bool:
+        """Whether :meth:`weight_gradients` takes shifted slices when no patches exist (see there)."""
+        spread_width = self.buffer_size[1] / self.out_size[1]
+        return self.stride == (1, 1) and self.patches_large and spread_width <= 1.2
+
+    def weight_gradients_by_shifts(self, gradients: torch.Tensor) -> torch.Tensor:
+        """Per-example weight gradients from shifted slices of the buffer (stride 1 only; see
+        :meth:`weight_gradients`)."""
+        if self.stride != (1, 1):
+            raise ValueError(f"shifted slices need stride 1, got {self.stride}")
         *lead, n, _, out = gradients.shape
         (kh, kw), (out_h, out_w), (rows, columns), c = self.kernel, self.out_size, self.buffer_size, self.channels
         spread = gradients.new_zeros(n, *lead, out, out_h, columns)
