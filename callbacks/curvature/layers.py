@@ -242,7 +242,7 @@ def weight_gradients(inputs: "CapturedInputs", output_gradients: torch.Tensor) -
     return torch.einsum("...nto,nti->...noi", output_gradients, inputs)
 
 
-def positions(inputs: "CapturedInputs") -> int:
+def _positions(inputs: "CapturedInputs") -> int:
     """T, the positions per example of captured inputs."""
     return inputs.positions if isinstance(inputs, ConvInputs) else inputs.shape[1]
 
@@ -268,17 +268,17 @@ memory does not grow with the batch: measured on CPU, EKFAC's scaling of a 128-c
 at 8x8, batch 128, took 17 ms in chunks of 16 examples and 35 ms at once."""
 
 
-def features(inputs: "CapturedInputs") -> int:
+def _features(inputs: "CapturedInputs") -> int:
     """in [+1], the entries per position of captured inputs."""
     return inputs.features if isinstance(inputs, ConvInputs) else inputs.shape[-1]
 
 
-def examples(inputs: "CapturedInputs", start: int, stop: int) -> "CapturedInputs":
+def _examples(inputs: "CapturedInputs", start: int, stop: int) -> "CapturedInputs":
     """The captured inputs of examples ``start`` to ``stop`` - 1."""
     return inputs.examples(start, stop) if isinstance(inputs, ConvInputs) else inputs[start:stop]
 
 
-def summed_over_examples(
+def _summed_over_examples(
     inputs: "CapturedInputs",
     gradients: torch.Tensor,
     per_example: int,
@@ -288,9 +288,9 @@ def summed_over_examples(
     (..., N, T, out), chunks of ``CHUNK_ELEMENTS // per_example`` examples (at least one)."""
     size = gradients.shape[-3]
     step = max(1, CHUNK_ELEMENTS // per_example)
-    total = moment(examples(inputs, 0, step), gradients[..., :step, :, :])
+    total = moment(_examples(inputs, 0, step), gradients[..., :step, :, :])
     for start in range(step, size, step):
-        total += moment(examples(inputs, start, start + step), gradients[..., start : start + step, :, :])
+        total += moment(_examples(inputs, start, start + step), gradients[..., start : start + step, :, :])
     return total
 
 
@@ -303,13 +303,13 @@ def second_moment(inputs: "CapturedInputs", output_gradients: torch.Tensor) -> t
     ``CHUNK_ELEMENTS``). Applied to ``a Q_A`` and ``g Q_G`` it is EKFAC's scaling in the
     eigenbasis (Q_G^T dW_n Q_A)^2."""
     draws = output_gradients if output_gradients.dim() == 4 else output_gradients[None]
-    if positions(inputs) == 1 and not isinstance(inputs, ConvInputs):
+    if isinstance(inputs, torch.Tensor) and inputs.shape[1] == 1:
         return draws[:, :, 0].square().sum(0).T @ inputs[:, 0].square()
 
     def moment(part: "CapturedInputs", gradients: torch.Tensor) -> torch.Tensor:
         return weight_gradients(part, gradients).square_().sum((0, 1))  # squared in place: no second buffer
 
-    return summed_over_examples(inputs, draws, len(draws) * draws.shape[-1] * features(inputs), moment)
+    return _summed_over_examples(inputs, draws, len(draws) * draws.shape[-1] * _features(inputs), moment)
 
 
 def projected_second_moment(inputs: "CapturedInputs", gradients: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
@@ -319,19 +319,21 @@ def projected_second_moment(inputs: "CapturedInputs", gradients: torch.Tensor, q
     with Q_A's columns as filters) when T is at most out, as for Linear layers, projecting the
     per-example gradients (out in (in + out) per example) when T exceeds out, as in early
     convolutions."""
+    if isinstance(inputs, torch.Tensor) and inputs.shape[1] == 1:  # outer products: no per-example intermediates
+        return second_moment(inputs @ q_a, gradients @ q_g)
     draws, out, size = len(gradients), gradients.shape[-1], q_a.shape[1]
-    if positions(inputs) <= out:
+    if _positions(inputs) <= out:
 
         def moment(part: "CapturedInputs", part_gradients: torch.Tensor) -> torch.Tensor:
             projected = part.projected(q_a) if isinstance(part, ConvInputs) else part @ q_a
             return second_moment(projected, part_gradients @ q_g)
 
-        return summed_over_examples(inputs, gradients, (positions(inputs) + draws * out) * size, moment)
+        return _summed_over_examples(inputs, gradients, (_positions(inputs) + draws * out) * size, moment)
 
     def moment(part: "CapturedInputs", part_gradients: torch.Tensor) -> torch.Tensor:
         return (q_g.T @ weight_gradients(part, part_gradients) @ q_a).square_().sum((0, 1))
 
-    return summed_over_examples(inputs, gradients, 2 * draws * out * size, moment)
+    return _summed_over_examples(inputs, gradients, 2 * draws * out * size, moment)
 
 
 class LinearLayer(KroneckerLayer):
