@@ -562,7 +562,7 @@ class ConvInputs:
         products (images of 16 pixels or more across, for a 3x3 kernel); otherwise, and for other
         strides, from the patches (``scripts/bench/conv_statistics.py`` measures both)."""
         if self._patches is not None or not self.shifted_weight_gradients_pay():
-            return torch.einsum("...nto,nti->...noi", gradients, self.patches())
+            return weight_gradients(self.patches(), gradients)
         return self.weight_gradients_by_shifts(gradients)
 
     def shifted_weight_gradients_pay(self) -> bool:
