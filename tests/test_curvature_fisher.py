@@ -123,12 +123,14 @@ def test_diagonal_and_block_diagonal_are_parts_of_the_dense_fisher(make_task):
 @pytest.mark.parametrize("make_task", [classification_task, conv_task, weight_sharing_task], ids=["mlp", "cnn", "shared"])
 def test_draws_differentiated_in_groups_give_the_same_fisher(monkeypatch, make_task, representation):
     """5 sampled draws per batch in one vmapped backward, in groups of 2, 2 and 1, and one by one
-    (the group size follows GROUP_BYTES over one draw's gradient bytes)."""
+    (the group size follows GROUP_BYTES, KFAC_GROUP_BYTES for the KFAC factors, over one draw's
+    gradient bytes)."""
     model, inputs, targets = make_task()
     data = batched(inputs, targets, [3, len(inputs) - 3])
 
     def computed(per_group: int) -> torch.Tensor:
         monkeypatch.setattr(builder, "GROUP_BYTES", per_group)
+        monkeypatch.setattr(builder, "KFAC_GROUP_BYTES", per_group)
         monkeypatch.setattr(LayerCapture, "draw_bytes", lambda self: 1)
         generator = torch.Generator().manual_seed(0)
         return fisher(model, data, representation, "mc", samples=5, generator=generator).to_dense()
