@@ -68,9 +68,9 @@ KFAC_GROUP_BYTES = 2**20
 """KFAC's statistics of a group of draws are one product per layer (G), as cheap for one draw as
 for many, so its draws go in groups whose output gradients fit in about 1 MiB (a core's L2
 cache) rather than ``GROUP_BYTES``: the backward and the products then work on data still in the
-cache. Measured on the digits CNN (one draw per group) in fresh processes, against all draws at
-once: 0.64-0.67x of NNGeometry's time instead of 0.72-0.74 with 2 threads, 0.71 instead of 0.93-0.94
-with 1; the digits MLP's 9 draws fit in one group either way."""
+cache. Measured on the digits CNN (one draw per group) in alternating fresh processes, against
+all draws at once: 0.62-0.66x of NNGeometry's time instead of 0.80-0.86 with 2 threads, 0.65-0.70
+instead of 0.92-0.96 with 1; the digits MLP's 9 draws fit in one group either way."""
 
 Statistics = dict[tuple[str, str], torch.Tensor]
 Gradients = dict[str, torch.Tensor]
