@@ -96,6 +96,9 @@ class LayerTensor:
 def module_tensors(module_name: str, module: nn.Module) -> list[LayerTensor]:
     """The trainable tensors ``module`` uses that it holds itself (not through a submodule), in
     layout order (see the module docstring)."""
+    parametrized = parametrize.is_parametrized(module)
+    if not module._parameters and not parametrized:  # containers and parameter-free modules, most of a model
+        return []
     pruned = {hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
     tensors = []
     for p_name, p in module.named_parameters(recurse=False):
@@ -104,8 +107,7 @@ def module_tensors(module_name: str, module: nn.Module) -> list[LayerTensor]:
             tensors.append(LayerTensor(module_name, module, attribute, p, "pruned"))
         else:
             tensors.append(LayerTensor(module_name, module, p_name, p, "parameter"))
-    parametrized = module.parametrizations.items() if parametrize.is_parametrized(module) else ()
-    for attribute, parametrizations in parametrized:
+    for attribute, parametrizations in module.parametrizations.items() if parametrized else ():
         tensor = LayerTensor(module_name, module, attribute, getattr(parametrizations, "original", None), "parametrized")
         if tensor.leaf is None or tensor.leaf.shape != tensor.value().shape:
             raise UserInputError(
@@ -644,12 +646,13 @@ class Conv2dLayer(KroneckerLayer):
         return matrix.unflatten(-1, (kh, kw, channels)).movedim(-1, -3).flatten(-4)
 
 
-def has_kronecker_form(module: nn.Module) -> bool:
+def has_kronecker_form(module: nn.Module, tensors: list[LayerTensor] | None = None) -> bool:
     """Whether ``module`` is a Kronecker layer: ``nn.Linear``, or ``nn.Conv2d`` with groups=1 and
-    zero padding, with a trainable weight (also when pruned or parametrized)."""
+    zero padding, with a trainable weight (also when pruned or parametrized); ``tensors``: its
+    :func:`module_tensors` if already known."""
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return False
-    if not any(t.attribute == "weight" for t in module_tensors("", module)):
+    if not any(t.attribute == "weight" for t in (module_tensors("", module) if tensors is None else tensors)):
         return False
     return isinstance(module, nn.Linear) or (module.groups == 1 and module.padding_mode == "zeros")
 
@@ -657,43 +660,46 @@ def has_kronecker_form(module: nn.Module) -> bool:
 def _layer(name: str, module: nn.Module, tensors: list[LayerTensor]) -> Layer:
     if isinstance(module, UNSUPPORTED_TYPES):
         raise UserInputError(f"layer {name!r} of type {type(module).__name__} cannot be handled; supported: {SUPPORTED}")
-    if not has_kronecker_form(module):
+    if not has_kronecker_form(module, tensors):
         for tensor in tensors:  # refuse at construction what per_example_gradients cannot evaluate
             tensor.substitutes(tensor.value())
         return Layer(name, module, tensors)
     return LinearLayer(name, module, tensors) if isinstance(module, nn.Linear) else Conv2dLayer(name, module, tensors)
 
 
-def _parametrization_modules(model: nn.Module) -> set[str]:
-    """Names of the modules that implement parametrizations (not layers of the model)."""
+def _parametrization_modules(modules: dict[str, nn.Module]) -> set[str]:
+    """Names, among a model's ``modules`` (by name), of those that implement parametrizations
+    (not layers of the model)."""
     containers = [
         f"{name}.parametrizations" if name else "parametrizations"
-        for name, module in model.named_modules()
+        for name, module in modules.items()
         if parametrize.is_parametrized(module)
     ]
-    return {name for name, _ in model.named_modules() if any(name == c or name.startswith(c + ".") for c in containers)}
+    if not containers:
+        return set()
+    return {name for name in modules if any(name == c or name.startswith(c + ".") for c in containers)}
 
 
 class ParameterLayout:
     """The layers a Fisher covers, in layout order (see the module docstring)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
-        internal = _parametrization_modules(model)
-        owned = {name: module_tensors(name, module) for name, module in model.named_modules() if name not in internal}
+        modules = dict(model.named_modules())
+        internal = _parametrization_modules(modules)
+        owned = {name: module_tensors(name, module) for name, module in modules.items() if name not in internal}
         if layers is None:
             layers = [name for name, params in owned.items() if params]
         for name in layers:
             check_choice("layers", name, owned)
             if not owned[name]:
-                module = model.get_submodule(name)
                 raise UserInputError(
-                    f"layer {name!r} of type {type(module).__name__} has no trainable parameters of its own; "
+                    f"layer {name!r} of type {type(modules[name]).__name__} has no trainable parameters of its own; "
                     f"supported: {SUPPORTED}"
                 )
         chosen = set(layers)
         self.model = model
         self.layers = {
-            name: _layer(name, model.get_submodule(name), params) for name, params in owned.items() if name in chosen
+            name: _layer(name, modules[name], params) for name, params in owned.items() if name in chosen
         }
         self.size = sum(layer.size for layer in self.layers.values())
 
