@@ -1,10 +1,13 @@
 """The contract harness passes a well-behaved stateful callback and catches broken ones."""
 
+import os
+import socket
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from framework.testing import CHECKS, CallbackContract, ContractViolation
+from framework.testing import CHECKS, CallbackContract, ContractViolation, fresh_main_port
 
 
 class InputStatistics(Callback):
@@ -74,3 +77,19 @@ def test_contract_catches_state_that_differs_across_ranks(tmp_path):
 def test_contract_rejects_an_unknown_check(tmp_path):
     with pytest.raises(ValueError, match="unknown contract check 'ddpp'"):
         CallbackContract(InputStatistics).check("ddpp", tmp_path)
+
+
+@pytest.mark.parametrize("before", [None, "29500"])
+def test_fresh_main_port_sets_a_free_port_and_restores_the_environment(monkeypatch, before):
+    """Each DDP check gets a port of its own instead of the one a previous ``ddp_spawn`` left in
+    ``MASTER_PORT``, and the variable is as before afterwards."""
+    if before is None:
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+    else:
+        monkeypatch.setenv("MASTER_PORT", before)
+    with fresh_main_port():
+        inside = os.environ["MASTER_PORT"]
+        with socket.socket() as probe:
+            probe.bind(("", int(inside)))  # free: binding it succeeds
+    assert os.environ.get("MASTER_PORT") == before
+

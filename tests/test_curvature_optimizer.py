@@ -25,7 +25,7 @@ from framework.data import DigitsDataModule
 from framework.errors import UserInputError
 from framework.models import MLP
 from framework.tasks import ClassificationTask
-from framework.testing import CHECKS, CallbackContract
+from framework.testing import CHECKS, CallbackContract, fresh_main_port
 from framework.wandb_offline import find_offline_runs, read_history
 
 
@@ -485,14 +485,15 @@ class SpreadEigenCheck(Callback):
 
 @pytest.mark.slow
 def test_spread_eigendecompositions_give_every_rank_the_undistributed_preconditioner(tmp_path):
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[EKFACStatistics(), SpreadEigenCheck(tmp_path)],
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0,
-    )
     # KFAC decomposing at every step: at the end the scaling is the product of the eigenvalues.
     task = ekfac_task(eigen_every=1, scale_every=None, adapt_damping_every=None)
-    trainer.fit(task, datamodule=DigitsDataModule(batch_size=64, seed=0))
+    with fresh_main_port():
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[EKFACStatistics(), SpreadEigenCheck(tmp_path)],
+            max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(task, datamodule=DigitsDataModule(batch_size=64, seed=0))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # Layer 1 (65x65 and 32x32 factors) is dealt to rank 0, layer 3 (33x33, 10x10) to rank 1:
     # two decompositions per rank and step, not four.

@@ -21,7 +21,9 @@ functions or classes, or ``functools.partial`` of them, because ``ddp_spawn`` pi
 """
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Number
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
@@ -37,6 +40,23 @@ CHECKS = ("ddp", "resume", "accumulation_and_clipping", "bf16")
 
 class ContractViolation(AssertionError):
     """The callback broke one of the contract's checks; the message says which and where."""
+
+
+@contextmanager
+def fresh_main_port() -> Iterator[None]:
+    """Run the block with ``MASTER_PORT`` set to a port free now, then restore it. Lightning's
+    ``ddp_spawn`` writes the port it picks into this process's environment, so every later DDP
+    run in the process (the next test) would reuse it, and fail to bind while the previous run's
+    sockets on it are still closing."""
+    previous = os.environ.get("MASTER_PORT")
+    os.environ["MASTER_PORT"] = str(find_free_network_port())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MASTER_PORT", None)
+        else:
+            os.environ["MASTER_PORT"] = previous
 
 
 def tiny_classification_task() -> L.LightningModule:
@@ -234,7 +254,8 @@ class CallbackContract:
         return torch.load(directory / "records" / "rank0.pt", weights_only=False)
 
     def check_ddp(self, directory: Path) -> None:
-        self._fit(directory, devices=2, strategy="ddp_spawn")
+        with fresh_main_port():
+            self._fit(directory, devices=2, strategy="ddp_spawn")
         ranks = [torch.load(directory / "records" / f"rank{r}.pt", weights_only=False) for r in range(2)]
         for part in ("callback", "weights", "optimizer", "global_step"):
             found = first_difference(ranks[0][part], ranks[1][part], part)
