@@ -92,4 +92,3 @@ def test_fresh_main_port_sets_a_free_port_and_restores_the_environment(monkeypat
         with socket.socket() as probe:
             probe.bind(("", int(inside)))  # free: binding it succeeds
     assert os.environ.get("MASTER_PORT") == before
-

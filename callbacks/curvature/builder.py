@@ -314,9 +314,8 @@ def fisher(
     if representation == "implicit":
         return Implicit(layout, _implicit_batches(model, data, fisher_type, task, samples, generator))
 
-    def batches(group_bytes: int | None = None) -> CapturedBatches:
-        """The data's captured batches, draws grouped by ``group_bytes`` (default ``GROUP_BYTES``)."""
-        group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+    def batches(group_bytes: int = GROUP_BYTES) -> CapturedBatches:
+        """The data's captured batches, draws grouped by ``group_bytes``."""
         return _captured_batches(layout, data, fisher_type, task, samples, generator, group_bytes)
 
     if representation in ("dense", "lowrank"):
